@@ -1,0 +1,3 @@
+from staterank.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""The ``staterank`` command: a thin layer over :mod:`staterank.api`.
+
+Exit codes: 0 success; 2 bad input (one line on stderr, no traceback unless --debug);
+1 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from staterank.errors import StaterankError
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)"
+    )
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="staterank",
+        description="Analyse how linear-attention LLMs use their recurrent state, and compress them on that basis.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="shapes, state bytes, which layers are linear attention")
+    p.add_argument("model", help="model directory, hub id or bundled name (tiny-deltanet, tiny-gated-deltanet)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _model_options(p)
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="perplexity of a model on a corpus")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="corpus: file, directory, hf:NAME or a shipped name (wikitext-test)")
+    p.add_argument("--tasks", default="ppl", help="comma-separated tasks (default: ppl)")
+    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default: 512)")
+    p.add_argument("--max-tokens", type=int, help="read at most this many tokens of the corpus")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _model_options(p)
+    _common(p)
+
+    p = sub.add_parser("train", help="pretrain a small model from a config (for studies and the bundled models)")
+    p.add_argument("config", help="JSON file: a model config plus an optional 'train' section")
+    p.add_argument("--data", required=True, help="training corpus")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--val-data", help="validation corpus for periodic perplexity")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--tokenizer", help="existing tokenizer directory (default: train one on --data)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device")
+    _common(p)
+
+    p = sub.add_parser("demo", help="the pipeline on the bundled tiny model, on CPU, in minutes")
+    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    p.add_argument("--model", default="tiny-deltanet")
+    p.add_argument("--device", default="cpu")
+    _common(p)
+    return parser
+
+
+def _print_info(info: dict) -> None:
+    print(f"{info['path']}")
+    print(f"  family          {info['family']} (model_type {info['model_type']})")
+    print(f"  parameters      {info['params']:,} ({info['dtype']})")
+    print(f"  layers          {info['num_layers']}, linear attention: {info['linear_layers']}")
+    print(f"  state per seq   {info['state_bytes_per_seq']:,} bytes (recurrent states + conv caches)")
+    print("  layer  k-heads  v-heads  d_k  d_v")
+    for layer in info["layers"]:
+        print(
+            f"  {layer['layer']:>5}  {layer['num_k_heads']:>7}  {layer['num_v_heads']:>7}  "
+            f"{layer['head_k_dim']:>3}  {layer['head_v_dim']:>3}"
+        )
+
+
+def _cmd_info(args) -> int:
+    from staterank import api
+
+    info = api.info(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_info(info)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from staterank import api
+    from staterank.io import check_output, write_json
+
+    if args.out:
+        check_output(args.out, args.overwrite)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = api.evaluate(
+        args.model,
+        args.data,
+        tasks=tasks,
+        seq_len=args.seq_len,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
+    if "ppl" in result:
+        print(f"perplexity {result['ppl']:.3f} over {result['tokens']:,} tokens of {args.data}")
+    if args.out:
+        write_json(args.out, result, overwrite=args.overwrite)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from staterank.train import train_from_cli
+
+    return train_from_cli(args)
+
+
+def _cmd_demo(args) -> int:
+    from staterank import api
+    from staterank.io import write_json
+
+    out = Path(args.out)
+    print(f"== info: {args.model}")
+    info = api.info(args.model, device=args.device)
+    _print_info(info)
+    write_json(out / "info.json", info)
+    for data in ("techdocs-val", "wikitext-test"):
+        print(f"== evaluate: perplexity on {data}")
+        result = api.evaluate(args.model, data, seq_len=512, max_tokens=65536, device=args.device, seed=args.seed)
+        print(f"perplexity {result['ppl']:.2f} over {result['tokens']:,} tokens")
+        write_json(out / f"eval-{data}.json", result)
+    print(f"results in {out}/")
+    return 0
+
+
+COMMANDS = {"info": _cmd_info, "evaluate": _cmd_evaluate, "train": _cmd_train, "demo": _cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except StaterankError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"staterank: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("staterank: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        message = f"staterank: unexpected failure: {type(e).__name__}: {e}"
+        print(f"{message} (rerun with --debug for details)", file=sys.stderr)
+        return 1

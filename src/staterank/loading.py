@@ -1,0 +1,119 @@
+"""Resolve MODEL (bundled name, local directory or hub id) and load it with its adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from staterank.errors import ModelLoadError, UnsupportedModelError
+from staterank.models import ADAPTERS, ModelAdapter, adapter_for, supported_families
+
+BUNDLED = ("tiny-deltanet", "tiny-gated-deltanet")
+FLA_MODEL_TYPES = ("delta_net", "gated_deltanet")
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer, its adapter and the local directory it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ModelAdapter
+    path: Path
+
+
+def bundled_path(name: str) -> Path:
+    return Path(str(resources.files("staterank") / "bundled" / name))
+
+
+def resolve(model: str | os.PathLike) -> Path:
+    """The local directory of MODEL, downloading a hub id into the HF cache if the network allows."""
+    text = str(model)
+    if text in BUNDLED:
+        return bundled_path(text)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(
+                f"{path}: not a directory (MODEL is a model directory, a hub id or {', '.join(BUNDLED)})"
+            )
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path}: not a model directory (no config.json)")
+        return path.resolve()
+    if text.count("/") != 1 or text.startswith((".", "/")):
+        raise ModelLoadError(
+            f"{text}: no such model directory, and not a hub id or bundled model ({', '.join(BUNDLED)})"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]))
+    except Exception as e:  # hub errors come in many types: offline, gated, missing
+        raise ModelLoadError(
+            f"model {text!r} is not available locally and could not be downloaded ({type(e).__name__}); "
+            "download it where there is network and pass its local directory"
+        ) from None
+
+
+def read_config(path: Path) -> dict:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path / 'config.json'}: corrupt config ({e})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelLoadError(f"{path / 'config.json'}: no model_type")
+    return config
+
+
+def prepare_runtime(model_type: str) -> None:
+    """Make a family loadable and runnable here: register fla's classes, route CPU work to PyTorch."""
+    if model_type not in ADAPTERS:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported families: {supported_families()}"
+        )
+    if model_type in FLA_MODEL_TYPES:
+        try:
+            import fla  # noqa: F401  (registers the fla model classes with the Auto classes)
+        except ImportError:
+            raise ModelLoadError(
+                f"{model_type} models need flash-linear-attention: pip install 'staterank[fla]'"
+            ) from None
+    from staterank import backends
+
+    backends.install()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load(
+    model: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load MODEL for inference: float32 on CPU, bfloat16 on GPU unless ``dtype`` says otherwise."""
+    path = resolve(model)
+    config = read_config(path)
+    prepare_runtime(config["model_type"])
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{path}: cannot load the model ({first_line})") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: cannot load the tokenizer ({e})") from None
+    loaded.to(device).eval()
+    return LoadedModel(loaded, tokenizer, adapter_for(loaded), path)

@@ -1,0 +1,38 @@
+"""Model-family adapters, registered by ``model_type``. One file per family."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel
+
+from staterank.errors import UnsupportedModelError
+from staterank.models.base import HeadFeatures, LayerShape, ModelAdapter, PruningShapeError
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {}
+
+
+def register(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make an adapter available for each of its ``model_types``."""
+    for model_type in cls.model_types:
+        ADAPTERS[model_type] = cls
+    return cls
+
+
+def supported_families() -> str:
+    return ", ".join(sorted({f"{cls.family} ({', '.join(cls.model_types)})" for cls in ADAPTERS.values()}))
+
+
+def adapter_for(model: PreTrainedModel) -> ModelAdapter:
+    """The adapter of a loaded model, chosen by its config's ``model_type``."""
+    model_type = getattr(model.config, "model_type", None)
+    cls = ADAPTERS.get(model_type)
+    if cls is None:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported families: {supported_families()}"
+        )
+    return cls(model)
+
+
+# Importing the family modules registers them.
+from staterank.models import delta_net, gated_deltanet, qwen3_5, qwen3_next  # noqa: E402, F401
+
+__all__ = ["ADAPTERS", "HeadFeatures", "LayerShape", "ModelAdapter", "PruningShapeError", "adapter_for", "register"]

@@ -1,0 +1,319 @@
+"""The adapter interface: everything the algorithms need from a linear-attention model.
+
+Nothing outside ``staterank.models`` names a model's attributes (``q_proj``, ``in_proj_qkvz``,
+``head_k_dim``, ...). An adapter wraps one loaded ``PreTrainedModel`` and exposes:
+
+- which decoder layers are linear attention, and their head counts and dims (:class:`LayerShape`);
+- a feature tap: per-head q, k (after the short convolution and its activation, before the L2
+  norm), v, beta and the log-decay that enter the delta rule, computed from the mixer's input;
+- the q/k projection weights per head (for weight-based channel scores);
+- :meth:`ModelAdapter.keep_qk_channels`: keep a channel subset of Q/K per key head;
+- :meth:`ModelAdapter.remove_heads`: remove whole heads;
+- the config update, so that stock ``AutoModelForCausalLM.from_pretrained`` rebuilds the result.
+
+The delta rule every family computes, per value head h with key head g(h) (grouped heads)::
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T      S_t: [d_k, d_v]
+    o_t = S_t^T (q_t / sqrt(d_k))                                          q_t, k_t L2-normalised
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from staterank.errors import StaterankError
+
+
+class PruningShapeError(StaterankError):
+    """A channel or head selection that the model family cannot represent."""
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Head layout of one linear-attention layer."""
+
+    layer: int
+    num_k_heads: int
+    num_v_heads: int
+    head_k_dim: int
+    head_v_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Value heads served by each key head (1 unless heads are grouped)."""
+        return self.num_v_heads // self.num_k_heads
+
+    def key_head_of(self, value_head: int) -> int:
+        """The key head whose q, k a value head reads (value heads are grouped contiguously)."""
+        return value_head // self.group_size
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "layer": self.layer,
+            "num_k_heads": self.num_k_heads,
+            "num_v_heads": self.num_v_heads,
+            "head_k_dim": self.head_k_dim,
+            "head_v_dim": self.head_v_dim,
+        }
+
+
+@dataclass
+class HeadFeatures:
+    """What one linear-attention layer feeds its delta rule, for one batch.
+
+    ``q`` and ``k`` are taken after the short convolution and its activation and before the
+    L2 normalisation: selecting channels commutes with both (the convolution is depthwise),
+    so a criterion that scores these features scores exactly what a pruned model will see.
+    """
+
+    layer: int
+    hidden: torch.Tensor  # [B, T, hidden]  the mixer's input (after the block's pre-norm)
+    q: torch.Tensor  # [B, T, Hk, d_k]
+    k: torch.Tensor  # [B, T, Hk, d_k]
+    v: torch.Tensor  # [B, T, Hv, d_v]
+    beta: torch.Tensor  # [B, T, Hv]  in (0, 1], or (0, 2] with negative eigenvalues allowed
+    log_decay: torch.Tensor | None  # [B, T, Hv]  g_t <= 0, the state is scaled by exp(g_t); None: no decay
+
+
+FeatureCallback = Callable[[HeadFeatures], None]
+
+
+class ModelAdapter(ABC):
+    """One model family behind the interface the algorithms use. Subclasses: one file each."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    #: bytes of one recurrent-state element as the family's cache holds it (None: model dtype)
+    state_dtype: ClassVar[torch.dtype | None] = None
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+
+    # --- layout -------------------------------------------------------------------------
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @abstractmethod
+    def decoder_layers(self) -> nn.ModuleList:
+        """All decoder blocks, linear attention or not."""
+
+    @abstractmethod
+    def mixer(self, layer: int) -> nn.Module | None:
+        """The linear-attention module of a decoder block, or None if the block has another mixer."""
+
+    @abstractmethod
+    def layer_shape(self, layer: int) -> LayerShape:
+        """Head counts and dims of a linear-attention layer."""
+
+    def linear_layers(self) -> list[int]:
+        return [i for i in range(len(self.decoder_layers())) if self.mixer(i) is not None]
+
+    def shapes(self) -> list[LayerShape]:
+        return [self.layer_shape(i) for i in self.linear_layers()]
+
+    @abstractmethod
+    def conv_state_channels(self, layer: int) -> int:
+        """Channels of the short-convolution cache of a layer (q, k and v together)."""
+
+    @abstractmethod
+    def conv_kernel_size(self, layer: int) -> int:
+        """Width of the short convolution (the cache keeps this many columns per channel)."""
+
+    def state_bytes_per_seq(self) -> int:
+        """Recurrent-state plus convolution-cache bytes of all linear-attention layers, one sequence."""
+        model_dtype = next(self.model.parameters()).dtype
+        state_size = (self.state_dtype or model_dtype).itemsize
+        total = 0
+        for shape in self.shapes():
+            total += shape.num_v_heads * shape.head_k_dim * shape.head_v_dim * state_size
+            total += self.conv_state_channels(shape.layer) * self.conv_kernel_size(shape.layer) * model_dtype.itemsize
+        return total
+
+    # --- features -------------------------------------------------------------------------
+
+    @abstractmethod
+    def features(self, layer: int, hidden: torch.Tensor) -> HeadFeatures:
+        """Compute the delta-rule inputs of ``layer`` from the mixer input ``hidden`` [B, T, hidden]."""
+
+    @contextmanager
+    def tap(self, callback: FeatureCallback, layers: list[int] | None = None) -> Iterator[None]:
+        """Call ``callback(features)`` for every linear-attention layer during each forward pass.
+
+        Features are computed from each mixer's input as the model runs, so statistics can be
+        streamed without keeping activations. Inside ``torch.no_grad()`` they carry no graph.
+        """
+        handles = []
+        for layer in layers if layers is not None else self.linear_layers():
+            mixer = self.mixer(layer)
+
+            def hook(module, args, kwargs, layer=layer):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                callback(self.features(layer, hidden))
+
+            handles.append(mixer.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @abstractmethod
+    def qk_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the q and k projection weights per key head: ([Hk, d_k, hidden], [Hk, d_k, hidden])."""
+
+    @abstractmethod
+    def qk_parameters(self, layer: int) -> tuple[nn.Parameter, ...]:
+        """The parameters whose rows ``qk_weights`` views (their gradients feed gradient scores)."""
+
+    # --- surgery --------------------------------------------------------------------------
+
+    def keep_qk_channels(self, keep: dict[int, torch.Tensor]) -> None:
+        """Keep, per linear layer and key head, the given q/k channels (the same for q and k).
+
+        ``keep[layer]`` is a LongTensor [Hk, d_k'] of channel indices in [0, d_k); every layer
+        keeps the same d_k' because the configuration holds one key-head dim. Layers not in
+        ``keep`` are left alone only if they already have d_k' channels. Changes the model in
+        place and updates its config.
+        """
+        layers = self.linear_layers()
+        missing = [i for i in keep if i not in layers]
+        if missing:
+            raise PruningShapeError(f"layers {missing} are not linear-attention layers (those are {layers})")
+        kept_dims = {int(idx.shape[-1]) for idx in keep.values()}
+        if len(kept_dims) != 1:
+            raise PruningShapeError(f"every layer must keep the same number of q/k channels per head, got {kept_dims}")
+        new_dim = kept_dims.pop()
+        if new_dim < 1:
+            raise PruningShapeError("at least one q/k channel per head must be kept")
+        for layer in layers:
+            shape = self.layer_shape(layer)
+            if layer not in keep:
+                if shape.head_k_dim != new_dim:
+                    raise PruningShapeError(f"layer {layer} has no channel selection but d_k={shape.head_k_dim}")
+                continue
+            index = keep[layer].to(torch.long).cpu()
+            if index.shape != (shape.num_k_heads, new_dim):
+                raise PruningShapeError(
+                    f"layer {layer}: expected kept channels of shape {(shape.num_k_heads, new_dim)}, "
+                    f"got {tuple(index.shape)}"
+                )
+            if index.min() < 0 or index.max() >= shape.head_k_dim:
+                raise PruningShapeError(f"layer {layer}: channel index outside [0, {shape.head_k_dim})")
+            if any(len(set(row.tolist())) != new_dim for row in index):
+                raise PruningShapeError(f"layer {layer}: repeated channel index within a head")
+            self._keep_qk_channels(layer, index)
+        self._set_head_k_dim(new_dim)
+
+    def remove_heads(self, remove: dict[int, list[int]]) -> None:
+        """Remove whole value heads (their state, and key heads left serving none).
+
+        ``remove[layer]`` lists value-head indices. Every layer must end with the same head
+        layout, because the configuration holds one count; with grouped heads, every key head
+        that keeps any value head must keep the same number of them (the kernels assume equal
+        groups), and a key head that keeps none is removed with its q/k channels.
+        """
+        layers = self.linear_layers()
+        layouts = set()
+        plans = {}
+        for layer in layers:
+            shape = self.layer_shape(layer)
+            removed = sorted(set(int(h) for h in remove.get(layer, [])))
+            if any(h < 0 or h >= shape.num_v_heads for h in removed):
+                raise PruningShapeError(f"layer {layer}: head index outside [0, {shape.num_v_heads})")
+            kept_v = [h for h in range(shape.num_v_heads) if h not in removed]
+            if not kept_v:
+                raise PruningShapeError(f"layer {layer}: removing every head leaves no linear attention")
+            per_group: dict[int, list[int]] = {}
+            for h in kept_v:
+                per_group.setdefault(shape.key_head_of(h), []).append(h)
+            group_sizes = {len(v) for v in per_group.values()}
+            if len(group_sizes) != 1:
+                raise PruningShapeError(
+                    f"layer {layer}: with grouped heads every remaining key head must keep the same number of "
+                    f"value heads, got {sorted(len(v) for v in per_group.values())}"
+                )
+            kept_k = sorted(per_group)
+            layouts.add((len(kept_k), len(kept_v)))
+            plans[layer] = (torch.tensor(kept_k), torch.tensor(kept_v))
+        if len(layouts) != 1:
+            raise PruningShapeError(
+                f"every layer must keep the same numbers of (key, value) heads, got {sorted(layouts)}; "
+                "remove the same number of heads in every layer"
+            )
+        for layer, (kept_k, kept_v) in plans.items():
+            if len(kept_v) < self.layer_shape(layer).num_v_heads:
+                self._keep_heads(layer, kept_k, kept_v)
+        num_k, num_v = layouts.pop()
+        self._set_head_counts(num_k, num_v)
+
+    @abstractmethod
+    def _keep_qk_channels(self, layer: int, index: torch.Tensor) -> None:
+        """Slice one layer's q/k channels to ``index`` [Hk, d_k'] (projection rows, conv channels, ...)."""
+
+    @abstractmethod
+    def _keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
+        """Slice one layer to the given key heads and value heads (sorted indices)."""
+
+    @abstractmethod
+    def _set_head_k_dim(self, head_k_dim: int) -> None:
+        """Update the config (and the modules' cached sizes) to a new key-head dim."""
+
+    @abstractmethod
+    def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
+        """Update the config (and the modules' cached sizes) to new head counts."""
+
+
+# --- small helpers shared by the adapters ------------------------------------------------------
+
+
+def slice_linear_rows(linear: nn.Linear, rows: torch.Tensor) -> None:
+    """Keep the given output rows of a linear layer, in place."""
+    rows = rows.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(0, rows).clone(), linear.weight.requires_grad)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data.index_select(0, rows).clone(), linear.bias.requires_grad)
+    linear.out_features = int(rows.numel())
+
+
+def slice_linear_columns(linear: nn.Linear, columns: torch.Tensor) -> None:
+    """Keep the given input columns of a linear layer, in place."""
+    columns = columns.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(1, columns).clone(), linear.weight.requires_grad)
+    linear.in_features = int(columns.numel())
+
+
+def slice_conv_channels(conv: nn.Conv1d, channels: torch.Tensor) -> None:
+    """Keep the given channels of a depthwise convolution, in place."""
+    channels = channels.to(conv.weight.device)
+    conv.weight = nn.Parameter(conv.weight.data.index_select(0, channels).clone(), conv.weight.requires_grad)
+    if conv.bias is not None:
+        conv.bias = nn.Parameter(conv.bias.data.index_select(0, channels).clone(), conv.bias.requires_grad)
+    conv.in_channels = conv.out_channels = conv.groups = int(channels.numel())
+    if hasattr(conv, "hidden_size"):
+        conv.hidden_size = conv.in_channels
+
+
+def slice_vector(param: nn.Parameter, index: torch.Tensor) -> nn.Parameter:
+    """A new parameter holding the given entries of a per-head vector parameter."""
+    return nn.Parameter(param.data.index_select(0, index.to(param.device)).clone(), param.requires_grad)
+
+
+def head_channels(heads: torch.Tensor, dim: int) -> torch.Tensor:
+    """Flat channel indices of whole heads of size ``dim``: heads [n] -> [n * dim]."""
+    return (heads[:, None] * dim + torch.arange(dim)[None, :]).reshape(-1)
+
+
+def per_head_channels(index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Flat channel indices of a per-head selection: index [H, d'] of channels in [0, dim) -> [H * d']."""
+    heads = torch.arange(index.shape[0])[:, None]
+    return (heads * dim + index).reshape(-1)

@@ -1,0 +1,124 @@
+"""What the two flash-linear-attention families (``delta_net``, ``gated_deltanet``) share.
+
+Both keep separate ``q_proj``, ``k_proj``, ``v_proj`` projections, one ``ShortConvolution`` each
+(depthwise, SiLU), a per-value-head ``b_proj`` for beta, an optional output gate ``g_proj``, a
+per-head output norm whose weight is shared by all heads, and ``o_proj``. The decoder blocks
+live at ``model.model.layers`` and the mixer at ``block.attn``; hybrid configs may put full
+attention in some blocks, which are not linear-attention layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from staterank.errors import UnsupportedModelError
+from staterank.models.base import (
+    ModelAdapter,
+    head_channels,
+    per_head_channels,
+    slice_conv_channels,
+    slice_linear_columns,
+    slice_linear_rows,
+)
+
+
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
+    """Causal depthwise convolution as ``ShortConvolution`` computes it: x [B, T, D], weight [D, 1, W]."""
+    width = weight.shape[-1]
+    y = F.conv1d(F.pad(x.transpose(1, 2), (width - 1, 0)), weight.to(x.dtype), bias, groups=weight.shape[0])
+    y = y.transpose(1, 2)
+    return F.silu(y) if silu else y
+
+
+def float_ratio(numerator: int, denominator: int) -> float:
+    """numerator/denominator as a float that fla's ``int(denominator * ratio)`` maps back to numerator.
+
+    fla rebuilds sizes as ``int(head_dim * expand_v)``; the plain quotient can land one ulp
+    below the integer (49 * (32 / 49) = 31.999...), so step up to the next float if needed.
+    """
+    ratio = numerator / denominator
+    while int(denominator * ratio) != numerator:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+class FlaAdapter(ModelAdapter):
+    """Shared plumbing of the fla DeltaNet and Gated DeltaNet adapters."""
+
+    state_dtype = torch.float32  # fla's kernels return and cache the state in fp32
+    layer_class_name: str
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        if getattr(self.config, "qk_norm", "l2") != "l2":
+            raise UnsupportedModelError(
+                f"{self.family} with qk_norm={self.config.qk_norm!r} is not supported (only L2-normalised q, k)"
+            )
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    def mixer(self, layer: int) -> nn.Module | None:
+        attn = self.decoder_layers()[layer].attn
+        return attn if type(attn).__name__ == self.layer_class_name else None
+
+    def conv_state_channels(self, layer: int) -> int:
+        mixer = self.mixer(layer)
+        return 2 * mixer.key_dim + mixer.value_dim if mixer.use_short_conv else 0
+
+    def conv_kernel_size(self, layer: int) -> int:
+        return self.mixer(layer).conv_size
+
+    def _conv(self, mixer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The projection ``x`` after its short convolution and SiLU (or SiLU alone without convolutions)."""
+        conv = getattr(mixer, f"{name}_conv1d", None)
+        if conv is None:
+            return F.silu(x)
+        return causal_depthwise_conv(x, conv.weight, conv.bias, silu=conv.activation is not None)
+
+    def qk_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shape, mixer = self.layer_shape(layer), self.mixer(layer)
+        hidden = mixer.q_proj.in_features
+        return (
+            mixer.q_proj.weight.view(shape.num_k_heads, shape.head_k_dim, hidden),
+            mixer.k_proj.weight.view(shape.num_k_heads, shape.head_k_dim, hidden),
+        )
+
+    def qk_parameters(self, layer: int) -> tuple[nn.Parameter, ...]:
+        mixer = self.mixer(layer)
+        return (mixer.q_proj.weight, mixer.k_proj.weight)
+
+    def _keep_qk_channels(self, layer: int, index: torch.Tensor) -> None:
+        mixer = self.mixer(layer)
+        rows = per_head_channels(index, mixer.head_k_dim)
+        for name in ("q", "k"):
+            slice_linear_rows(getattr(mixer, f"{name}_proj"), rows)
+            if mixer.use_short_conv:
+                slice_conv_channels(getattr(mixer, f"{name}_conv1d"), rows)
+        mixer.head_k_dim = int(index.shape[1])
+        mixer.key_dim = mixer.head_k_dim * index.shape[0]
+
+    def _keep_value_heads(self, mixer: nn.Module, kept_v: torch.Tensor) -> None:
+        """Slice everything indexed by value head: v rows and conv, beta, output gate, o_proj columns."""
+        value_rows = head_channels(kept_v, mixer.head_v_dim)
+        slice_linear_rows(mixer.v_proj, value_rows)
+        if mixer.use_short_conv:
+            slice_conv_channels(mixer.v_conv1d, value_rows)
+        if getattr(mixer, "b_proj", None) is not None:
+            slice_linear_rows(mixer.b_proj, kept_v)
+        if mixer.use_gate:
+            slice_linear_rows(mixer.g_proj, value_rows)
+        slice_linear_columns(mixer.o_proj, value_rows)
+        mixer.value_dim = mixer.head_v_dim * len(kept_v)
+
+    def _keep_key_heads(self, mixer: nn.Module, kept_k: torch.Tensor) -> None:
+        key_rows = head_channels(kept_k, mixer.head_k_dim)
+        for name in ("q", "k"):
+            slice_linear_rows(getattr(mixer, f"{name}_proj"), key_rows)
+            if mixer.use_short_conv:
+                slice_conv_channels(getattr(mixer, f"{name}_conv1d"), key_rows)
+        mixer.key_dim = mixer.head_k_dim * len(kept_k)

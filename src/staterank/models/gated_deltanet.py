@@ -1,0 +1,71 @@
+"""fla ``gated_deltanet`` (``GatedDeltaNetForCausalLM``): delta rule with a per-value-head decay.
+
+Value heads may be grouped (``num_v_heads`` a multiple of ``num_heads``); value head h reads the
+q, k of key head h // (num_v_heads // num_heads). The decay is
+g_t = -exp(A_log) * softplus(a_proj(x_t) + dt_bias), one per value head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from staterank.models import register
+from staterank.models.base import HeadFeatures, LayerShape, slice_linear_rows, slice_vector
+from staterank.models.fla_common import FlaAdapter, float_ratio
+
+
+@register
+class GatedDeltaNetAdapter(FlaAdapter):
+    """Config: ``num_heads`` (key heads), ``num_v_heads``, ``head_dim`` (= d_k), ``expand_v`` (d_v = head_dim*expand_v)."""
+
+    family = "Gated DeltaNet (flash-linear-attention)"
+    model_types = ("gated_deltanet",)
+    layer_class_name = "GatedDeltaNet"
+
+    def layer_shape(self, layer: int) -> LayerShape:
+        mixer = self.mixer(layer)
+        return LayerShape(layer, mixer.num_heads, mixer.num_v_heads, mixer.head_k_dim, mixer.head_v_dim)
+
+    def features(self, layer: int, hidden: torch.Tensor) -> HeadFeatures:
+        mixer = self.mixer(layer)
+        shape = self.layer_shape(layer)
+        batch, seq = hidden.shape[:2]
+        q = self._conv(mixer, "q", mixer.q_proj(hidden))
+        k = self._conv(mixer, "k", mixer.k_proj(hidden))
+        v = self._conv(mixer, "v", mixer.v_proj(hidden))
+        beta = mixer.b_proj(hidden).float().sigmoid()
+        if mixer.allow_neg_eigval:
+            beta = beta * 2
+        log_decay = -mixer.A_log.float().exp() * F.softplus(mixer.a_proj(hidden).float() + mixer.dt_bias.float())
+        return HeadFeatures(
+            layer=layer,
+            hidden=hidden,
+            q=q.view(batch, seq, shape.num_k_heads, shape.head_k_dim),
+            k=k.view(batch, seq, shape.num_k_heads, shape.head_k_dim),
+            v=v.view(batch, seq, shape.num_v_heads, shape.head_v_dim),
+            beta=beta,
+            log_decay=log_decay,
+        )
+
+    def _keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
+        mixer = self.mixer(layer)
+        self._keep_key_heads(mixer, kept_k)
+        self._keep_value_heads(mixer, kept_v)
+        slice_linear_rows(mixer.a_proj, kept_v)
+        mixer.A_log = slice_vector(mixer.A_log, kept_v)
+        mixer.dt_bias = slice_vector(mixer.dt_bias, kept_v)
+        mixer.num_heads, mixer.num_v_heads = len(kept_k), len(kept_v)
+
+    def _set_head_k_dim(self, head_k_dim: int) -> None:
+        # head_v_dim is derived as int(head_dim * expand_v): keep d_v by adjusting expand_v.
+        head_v_dim = self.layer_shape(self.linear_layers()[0]).head_v_dim
+        self.config.head_dim = head_k_dim
+        self.config.expand_v = float_ratio(head_v_dim, head_k_dim)
+        for layer in self.linear_layers():
+            mixer = self.mixer(layer)
+            mixer.head_dim, mixer.expand_v = head_k_dim, self.config.expand_v
+
+    def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
+        self.config.num_heads = num_k_heads
+        self.config.num_v_heads = num_v_heads
