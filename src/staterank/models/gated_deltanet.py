@@ -17,7 +17,7 @@ from staterank.models.fla_common import FlaAdapter, float_ratio
 
 @register
 class GatedDeltaNetAdapter(FlaAdapter):
-    """Config: ``num_heads`` (key heads), ``num_v_heads``, ``head_dim`` (= d_k), ``expand_v`` (d_v = head_dim*expand_v)."""
+    """Config: ``num_heads`` (key heads), ``num_v_heads``, ``head_dim`` (d_k), ``expand_v`` (d_v = d_k * expand_v)."""
 
     family = "Gated DeltaNet (flash-linear-attention)"
     model_types = ("gated_deltanet",)
