@@ -139,23 +139,45 @@ def token_stream(
 
     def flush() -> None:
         nonlocal total
-        for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
             pieces.append(ids + [eos])
             total += len(ids) + 1
         batch.clear()
 
     for doc in documents:
+        if max_tokens is not None and len(doc) > _CHARS_PER_TOKEN_BOUND * max_tokens:
+            doc = _budget_prefix(doc, tokenizer, max_tokens - total)
         batch.append(doc)
-        if len(batch) == 64:
+        if len(batch) == 64 or max_tokens is not None and total + sum(map(len, batch)) >= max_tokens:
             flush()
             if max_tokens is not None and total >= max_tokens:
                 break
-    if batch and (max_tokens is None or total < max_tokens):
+    if batch:
         flush()
     if total == 0:
         raise DataError(f"{spec}: the corpus is empty")
     stream = torch.tensor([t for piece in pieces for t in piece], dtype=torch.long)
     return stream[:max_tokens] if max_tokens is not None else stream
+
+
+#: No tokenizer we meet packs more than this many characters into one token on average.
+_CHARS_PER_TOKEN_BOUND = 16
+
+
+def _budget_prefix(doc: str, tokenizer, needed: int) -> str:
+    """A prefix of a long document that still yields its first ``needed`` tokens unchanged.
+
+    Tokenising a whole book to keep its first thousand tokens is wasteful. A cut only changes
+    the tokens of the word it splits, so a prefix whose tokens outnumber ``needed`` by a margin
+    gives the same first ``needed`` tokens as the whole document.
+    """
+    length = _CHARS_PER_TOKEN_BOUND * max(needed, 1)
+    while length < len(doc):
+        prefix = doc[:length]
+        if len(tokenizer([prefix], add_special_tokens=False, verbose=False)["input_ids"][0]) > needed + 16:
+            return prefix
+        length *= 2
+    return doc
 
 
 def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -9,7 +9,9 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from staterank.errors import ModelLoadError, UnsupportedModelError
 from staterank.models import ADAPTERS, ModelAdapter, adapter_for, supported_families
@@ -103,12 +105,13 @@ def load(
     path = resolve(model)
     config = read_config(path)
     prepare_runtime(config["model_type"])
+    transformers_logging.disable_progress_bar()  # one line per shard on stderr is noise for a CLI
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"{path}: cannot load the model ({first_line})") from None
     try:
