@@ -87,8 +87,10 @@ def prepare_runtime(model_type: str) -> None:
                 f"{model_type} models need flash-linear-attention: pip install 'staterank[fla]'"
             ) from None
     from staterank import backends
+    from staterank.backends.hf_fallbacks import use_torch_fallbacks_on_cpu
 
     backends.install()
+    use_torch_fallbacks_on_cpu()
 
 
 def default_device() -> torch.device:

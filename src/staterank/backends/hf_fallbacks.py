@@ -1,0 +1,82 @@
+"""Run transformers' linear-attention models on CPU when flash-linear-attention is installed.
+
+transformers binds the module-level kernels of its linear-attention models (``torch_chunk_gated_delta_rule``,
+``causal_conv1d_fn``, ...) once, at import, through ``use_kernel_func_from_hub_with_fallback``: if ``fla``
+(or ``causal_conv1d``) is importable, the Triton/CUDA kernel is chosen for every device, and a forward pass on
+CPU tensors fails ("0 active drivers"). :func:`use_torch_fallbacks_on_cpu` rebinds those names to a
+dispatcher: CPU tensors go to transformers' own PyTorch reference (the function the decorator wrapped),
+anything else to what transformers chose.
+
+The classes' ``use_kernelized_func`` decoration only registers the original function objects for the
+``kernels`` package's ``kernelize``; ``forward`` calls the module-level names, so rebinding those suffices.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from collections.abc import Callable
+
+import torch
+
+#: transformers modelling modules whose linear-attention layers call kernels bound at import time
+_MODULES = (
+    "qwen3_next",
+    "qwen3_5",
+    "qwen3_5_moe",
+    "qwen4_exp",
+    "olmo_hybrid",
+    "kimi_linear",
+    "bailing_hybrid",
+    "glm5_next",
+)
+#: the module-level names those layers call
+_KERNEL_FUNCTIONS = (
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+    "torch_chunk_gated_delta_rule",
+    "torch_recurrent_gated_delta_rule",
+    "chunk_kimi_delta_attention",
+    "recurrent_kimi_delta_attention",
+)
+
+
+def use_torch_fallbacks_on_cpu() -> None:
+    """Make the linear-attention kernels of transformers' models dispatch on the device of their input.
+
+    Idempotent; modules missing from the installed transformers are skipped.
+    """
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        except ImportError:
+            continue
+        for function_name in _KERNEL_FUNCTIONS:
+            chosen = getattr(module, function_name, None)
+            if chosen is None or getattr(chosen, "_staterank_dispatch", False):
+                continue
+            reference = inspect.unwrap(chosen)
+            if reference is not chosen:
+                setattr(module, function_name, _dispatch_on_device(chosen, reference))
+
+
+def _dispatch_on_device(chosen: Callable, reference: Callable) -> Callable:
+    """``reference`` for CPU inputs (device of the first tensor argument), ``chosen`` otherwise."""
+    parameters = inspect.signature(reference).parameters
+    takes_any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+    @functools.wraps(chosen)
+    def dispatch(*args, **kwargs):
+        first = next(x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor))
+        if first.device.type != "cpu":
+            return chosen(*args, **kwargs)
+        # The references ignore packed-sequence boundaries: refuse rather than mix sequences.
+        if kwargs.get("cu_seqlens") is not None or kwargs.get("seq_idx") is not None:
+            raise ValueError(f"{reference.__name__} on CPU cannot keep packed sequences apart (cu_seqlens/seq_idx)")
+        if not takes_any_keyword:
+            kwargs = {key: value for key, value in kwargs.items() if key in parameters}
+        return reference(*args, **kwargs)
+
+    dispatch._staterank_dispatch = True
+    return dispatch
