@@ -1,0 +1,33 @@
+"""Pure-PyTorch CPU backend for flash-linear-attention's DeltaNet and Gated DeltaNet models.
+
+Call :func:`install` once (it is idempotent) and ``fla.models.DeltaNetForCausalLM`` /
+``GatedDeltaNetForCausalLM`` run forward, backward and cached generation on CPU tensors, while CUDA tensors keep
+going through fla's Triton kernels.
+
+The reference math is public so that other code can reproduce layer states outside the model:
+:func:`chunk_delta_rule_torch` (whole sequences), :func:`delta_rule_step_torch` (one token),
+:func:`gdn_log_decay` (Gated DeltaNet's ``g`` from ``a_proj``, ``A_log``, ``dt_bias``) and :func:`l2_norm`.
+"""
+
+from staterank.backends.conv import causal_conv1d, causal_conv1d_update
+from staterank.backends.delta_rule import (
+    chunk_delta_rule_torch,
+    delta_rule_step_torch,
+    gdn_log_decay,
+    l2_norm,
+)
+from staterank.backends.norm import rms_norm, rms_norm_gated
+from staterank.backends.patch import install, is_installed
+
+__all__ = [
+    'causal_conv1d',
+    'causal_conv1d_update',
+    'chunk_delta_rule_torch',
+    'delta_rule_step_torch',
+    'gdn_log_decay',
+    'install',
+    'is_installed',
+    'l2_norm',
+    'rms_norm',
+    'rms_norm_gated',
+]

@@ -1,0 +1,96 @@
+"""Device-dispatching patches that let fla's DeltaNet / Gated DeltaNet models run on CPU.
+
+Each patch replaces a name exactly where fla's model code looks it up (a module global or a method on a class)
+with a dispatcher: calls whose first tensor argument lives on the CPU go to the pure-PyTorch implementation,
+everything else (CUDA, and any other device fla supports) goes to the original fla object, so GPU runs keep
+using the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from staterank.backends import activations, conv, delta_rule, losses, norm
+
+# (owner: "module" or "module:Class", attribute, CPU implementation with the same signature)
+_PATCHES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
+    # DeltaNet layer: chunk mode for q_len > 64, fused_recurrent otherwise (including training).
+    ('fla.layers.delta_net', 'chunk_delta_rule', delta_rule.chunk_delta_rule),
+    ('fla.layers.delta_net', 'fused_recurrent_delta_rule', delta_rule.fused_recurrent_delta_rule),
+    # Gated DeltaNet layer: chunk mode with grad / long inputs, fused_recurrent for short grad-free calls.
+    ('fla.layers.gated_deltanet', 'chunk_gated_delta_rule', delta_rule.chunk_gated_delta_rule),
+    ('fla.layers.gated_deltanet', 'fused_recurrent_gated_delta_rule', delta_rule.fused_recurrent_gated_delta_rule),
+    # Gated DeltaNet fuses the q/k/v convolutions into one call when no cache is involved.
+    ('fla.layers.gated_deltanet', 'causal_conv1d', conv.causal_conv1d),
+    ('fla.modules.causal_conv1d.ops:ShortConvolution', 'forward', conv.short_convolution_forward),
+    ('fla.modules.causal_conv1d.ops:ShortConvolution', 'step', conv.short_convolution_step),
+    # Block / final norms (config.fuse_norm) and the per-head output norms (always fla modules).
+    ('fla.modules.norm.layernorm:RMSNorm', 'forward', norm.rms_norm_forward),
+    ('fla.modules.norm.fused_norm_gate:FusedRMSNormGated', 'forward', norm.fused_rms_norm_gated_forward),
+    # GatedMLP: swiglu_linear with config.fuse_swiglu, swiglu without.
+    ('fla.modules.mlp', 'swiglu', activations.swiglu),
+    ('fla.modules.mlp', 'swiglu_linear', activations.swiglu_linear),
+    # Criteria built in fla.models.modeling_utils (config.fuse_cross_entropy / fuse_linear_cross_entropy).
+    ('fla.modules.fused_cross_entropy.ops:FusedCrossEntropyLoss', 'forward', losses.fused_cross_entropy_forward),
+    (
+        'fla.modules.fused_linear_cross_entropy.ops:FusedLinearCrossEntropyLoss',
+        'forward',
+        losses.fused_linear_cross_entropy_forward,
+    ),
+)
+
+_ORIGINAL = '__staterank_original__'
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def _device_dispatcher(original: Callable[..., Any], cpu_impl: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def dispatcher(*args: Any, **kwargs: Any) -> Any:
+        tensor = _first_tensor(args, kwargs)
+        if tensor is not None and tensor.device.type == 'cpu':
+            return cpu_impl(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    setattr(dispatcher, _ORIGINAL, original)
+    return dispatcher
+
+
+def _resolve(owner: str) -> Any:
+    module_name, _, class_name = owner.partition(':')
+    target = importlib.import_module(module_name)
+    return getattr(target, class_name) if class_name else target
+
+
+def install() -> None:
+    """Make fla's DeltaNet and Gated DeltaNet models run (forward, backward, generation) on CPU tensors.
+
+    Idempotent: names that are already patched are left alone. Does nothing if fla is not installed.
+    """
+    if importlib.util.find_spec('fla') is None:
+        return
+    for owner, attribute, cpu_impl in _PATCHES:
+        target = _resolve(owner)
+        # Look in the class/module dict itself: getattr on a class would return a function bound elsewhere.
+        current = vars(target)[attribute]
+        if hasattr(current, _ORIGINAL):
+            continue
+        setattr(target, attribute, _device_dispatcher(current, cpu_impl))
+
+
+def is_installed() -> bool:
+    """Whether every patch of :func:`install` is in place (``False`` without fla)."""
+    if importlib.util.find_spec('fla') is None:
+        return False
+    return all(hasattr(vars(_resolve(owner))[attribute], _ORIGINAL) for owner, attribute, _ in _PATCHES)
