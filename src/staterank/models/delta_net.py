@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from staterank.models import register
-from staterank.models.base import HeadFeatures, LayerShape
+from staterank.models.base import LayerShape
 from staterank.models.fla_common import FlaAdapter
 
 
@@ -21,32 +22,13 @@ class DeltaNetAdapter(FlaAdapter):
         mixer = self.mixer(layer)
         return LayerShape(layer, mixer.num_heads, mixer.num_heads, mixer.head_k_dim, mixer.head_v_dim)
 
-    def features(self, layer: int, hidden: torch.Tensor) -> HeadFeatures:
-        mixer = self.mixer(layer)
-        shape = self.layer_shape(layer)
-        q = self._conv(mixer, "q", mixer.q_proj(hidden))
-        k = self._conv(mixer, "k", mixer.k_proj(hidden))
-        v = self._conv(mixer, "v", mixer.v_proj(hidden))
+    def _qk_activation(self, mixer, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # SiLU is already in the convolution for qk_activation="silu"; the others come after it
         if mixer.qk_activation == "relu":
-            q, k = q.relu(), k.relu()
-        elif mixer.qk_activation == "elu":
-            q, k = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
-        if mixer.use_beta:
-            beta = mixer.b_proj(hidden).float().sigmoid()
-        else:
-            beta = hidden.new_ones(hidden.shape[:2] + (shape.num_v_heads,), dtype=torch.float32)
-        if mixer.allow_neg_eigval:
-            beta = beta * 2
-        batch, seq = hidden.shape[:2]
-        return HeadFeatures(
-            layer=layer,
-            hidden=hidden,
-            q=q.view(batch, seq, shape.num_k_heads, shape.head_k_dim),
-            k=k.view(batch, seq, shape.num_k_heads, shape.head_k_dim),
-            v=v.view(batch, seq, shape.num_v_heads, shape.head_v_dim),
-            beta=beta,
-            log_decay=None,
-        )
+            return q.relu(), k.relu()
+        if mixer.qk_activation == "elu":
+            return F.elu(q) + 1, F.elu(k) + 1
+        return q, k
 
     def _keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
         mixer = self.mixer(layer)

@@ -17,6 +17,7 @@ from torch import nn
 
 from staterank.errors import UnsupportedModelError
 from staterank.models.base import (
+    HeadFeatures,
     ModelAdapter,
     head_channels,
     per_head_channels,
@@ -73,11 +74,41 @@ class FlaAdapter(ModelAdapter):
     def conv_kernel_size(self, layer: int) -> int:
         return self.mixer(layer).conv_size
 
+    def features(self, layer: int, hidden: torch.Tensor) -> HeadFeatures:
+        mixer, shape = self.mixer(layer), self.layer_shape(layer)
+        batch, seq = hidden.shape[:2]
+        q, k = self._qk_activation(
+            mixer, self._conv(mixer, "q", mixer.q_proj(hidden)), self._conv(mixer, "k", mixer.k_proj(hidden))
+        )
+        v = self._conv(mixer, "v", mixer.v_proj(hidden))
+        beta = mixer.b_proj(hidden).float().sigmoid() if getattr(mixer, "use_beta", True) else None
+        if beta is None:
+            beta = hidden.new_ones(batch, seq, shape.num_v_heads, dtype=torch.float32)
+        if mixer.allow_neg_eigval:
+            beta = beta * 2  # eigenvalues of (I - beta k k^T) in [-1, 1]
+        return HeadFeatures(
+            layer=layer,
+            hidden=hidden,
+            q=q.view(batch, seq, shape.num_k_heads, shape.head_k_dim),
+            k=k.view(batch, seq, shape.num_k_heads, shape.head_k_dim),
+            v=v.view(batch, seq, shape.num_v_heads, shape.head_v_dim),
+            beta=beta,
+            log_decay=self._log_decay(mixer, hidden),
+        )
+
+    def _qk_activation(self, mixer: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any activation the family applies to q, k after the convolution (none by default)."""
+        return q, k
+
+    def _log_decay(self, mixer: nn.Module, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The per-value-head log decay g [B, T, Hv], or None for no decay."""
+        return None
+
     def _conv(self, mixer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
         """The projection ``x`` after its short convolution and SiLU (or SiLU alone without convolutions)."""
         conv = getattr(mixer, f"{name}_conv1d", None)
-        if conv is None:
-            return F.silu(x)
+        if conv is None:  # fla then applies SiLU to v, and to q, k unless DeltaNet's qk_activation says otherwise
+            return F.silu(x) if name == "v" or getattr(mixer, "qk_activation", "silu") == "silu" else x
         return causal_depthwise_conv(x, conv.weight, conv.bias, silu=conv.activation is not None)
 
     def qk_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from staterank.models import register
-from staterank.models.base import HeadFeatures, LayerShape, slice_linear_rows, slice_vector
+from staterank.models.base import LayerShape, slice_linear_rows, slice_vector
 from staterank.models.fla_common import FlaAdapter, float_ratio
 
 
@@ -27,26 +27,8 @@ class GatedDeltaNetAdapter(FlaAdapter):
         mixer = self.mixer(layer)
         return LayerShape(layer, mixer.num_heads, mixer.num_v_heads, mixer.head_k_dim, mixer.head_v_dim)
 
-    def features(self, layer: int, hidden: torch.Tensor) -> HeadFeatures:
-        mixer = self.mixer(layer)
-        shape = self.layer_shape(layer)
-        batch, seq = hidden.shape[:2]
-        q = self._conv(mixer, "q", mixer.q_proj(hidden))
-        k = self._conv(mixer, "k", mixer.k_proj(hidden))
-        v = self._conv(mixer, "v", mixer.v_proj(hidden))
-        beta = mixer.b_proj(hidden).float().sigmoid()
-        if mixer.allow_neg_eigval:
-            beta = beta * 2
-        log_decay = -mixer.A_log.float().exp() * F.softplus(mixer.a_proj(hidden).float() + mixer.dt_bias.float())
-        return HeadFeatures(
-            layer=layer,
-            hidden=hidden,
-            q=q.view(batch, seq, shape.num_k_heads, shape.head_k_dim),
-            k=k.view(batch, seq, shape.num_k_heads, shape.head_k_dim),
-            v=v.view(batch, seq, shape.num_v_heads, shape.head_v_dim),
-            beta=beta,
-            log_decay=log_decay,
-        )
+    def _log_decay(self, mixer, hidden: torch.Tensor) -> torch.Tensor:
+        return -mixer.A_log.float().exp() * F.softplus(mixer.a_proj(hidden).float() + mixer.dt_bias.float())
 
     def _keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
         mixer = self.mixer(layer)
