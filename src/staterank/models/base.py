@@ -167,13 +167,24 @@ class ModelAdapter(ABC):
             for handle in handles:
                 handle.remove()
 
-    @abstractmethod
     def qk_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of the q and k projection weights per key head: ([Hk, d_k, hidden], [Hk, d_k, hidden])."""
+        return self._qk_rows(layer, tuple(p.data for p in self.qk_parameters(layer)))
+
+    def qk_grads(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of the same rows, laid out as :meth:`qk_weights` (after a backward pass)."""
+        params = self.qk_parameters(layer)
+        if any(p.grad is None for p in params):
+            raise RuntimeError(f"layer {layer}: no gradient on the q/k projections; run a backward pass first")
+        return self._qk_rows(layer, tuple(p.grad for p in params))
 
     @abstractmethod
     def qk_parameters(self, layer: int) -> tuple[nn.Parameter, ...]:
-        """The parameters whose rows ``qk_weights`` views (their gradients feed gradient scores)."""
+        """The parameters that hold the q and k projection rows (possibly fused with others)."""
+
+    @abstractmethod
+    def _qk_rows(self, layer: int, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the q and k rows per key head in tensors shaped like ``qk_parameters`` (weights or grads)."""
 
     # --- surgery --------------------------------------------------------------------------
 

@@ -111,13 +111,10 @@ class FlaAdapter(ModelAdapter):
             return F.silu(x) if name == "v" or getattr(mixer, "qk_activation", "silu") == "silu" else x
         return causal_depthwise_conv(x, conv.weight, conv.bias, silu=conv.activation is not None)
 
-    def qk_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shape, mixer = self.layer_shape(layer), self.mixer(layer)
-        hidden = mixer.q_proj.in_features
-        return (
-            mixer.q_proj.weight.view(shape.num_k_heads, shape.head_k_dim, hidden),
-            mixer.k_proj.weight.view(shape.num_k_heads, shape.head_k_dim, hidden),
-        )
+    def _qk_rows(self, layer: int, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = self.layer_shape(layer)
+        q, k = tensors  # q_proj, k_proj: [Hk * d_k, hidden]
+        return q.view(shape.num_k_heads, shape.head_k_dim, -1), k.view(shape.num_k_heads, shape.head_k_dim, -1)
 
     def qk_parameters(self, layer: int) -> tuple[nn.Parameter, ...]:
         mixer = self.mixer(layer)

@@ -27,9 +27,9 @@ class Qwen35Adapter(QwenGatedDeltaNetAdapter):
     def _project(self, mixer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return mixer.in_proj_qkv(hidden), mixer.in_proj_b(hidden), mixer.in_proj_a(hidden)
 
-    def qk_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _qk_rows(self, layer: int, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         shape, mixer = self.layer_shape(layer), self.mixer(layer)
-        weight = mixer.in_proj_qkv.weight  # [2 * key_dim + value_dim, hidden]
+        (weight,) = tensors  # in_proj_qkv: [2 * key_dim + value_dim, hidden]
         q, k = weight[: 2 * mixer.key_dim].view(2, shape.num_k_heads, shape.head_k_dim, weight.shape[1])
         return q, k
 

@@ -5,9 +5,8 @@
 [2 Hv, hidden] holds [b (r) | a (r)] per key head. The mixer regroups them (``fix_query_key_value_ordering``)
 into the [q | k | v] channel order of its convolution, which is laid out as in Qwen3.5.
 
-Because the q and k rows of each key head are a contiguous block of its group, ``qk_weights`` returns strided
-views of the fused weight, and ``qk_parameters`` the fused weight: its gradient has the same layout, so the q/k
-part of it is ``grad.unflatten(0, (Hk, -1))[:, :d_k]`` (q) and ``[:, d_k:2 * d_k]`` (k).
+Because the q and k rows of each key head are a contiguous block of its group, ``qk_weights`` and ``qk_grads``
+return strided views of the fused weight and of its gradient, which has the same layout.
 """
 
 from __future__ import annotations
@@ -30,9 +29,10 @@ class Qwen3NextAdapter(QwenGatedDeltaNetAdapter):
         q, k, v, _, b, a = mixer.fix_query_key_value_ordering(mixer.in_proj_qkvz(hidden), mixer.in_proj_ba(hidden))
         return torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], dim=-1), b, a
 
-    def qk_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        shape, mixer = self.layer_shape(layer), self.mixer(layer)
-        groups = mixer.in_proj_qkvz.weight.unflatten(0, (shape.num_k_heads, -1))  # [Hk, 2 d_k + 2 r d_v, hidden]
+    def _qk_rows(self, layer: int, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = self.layer_shape(layer)
+        (fused,) = tensors  # in_proj_qkvz
+        groups = fused.unflatten(0, (shape.num_k_heads, -1))  # [Hk, 2 d_k + 2 r d_v, hidden]
         return groups[:, : shape.head_k_dim], groups[:, shape.head_k_dim : 2 * shape.head_k_dim]
 
     def qk_parameters(self, layer: int) -> tuple[nn.Parameter, ...]:
