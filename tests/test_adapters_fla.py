@@ -219,3 +219,23 @@ def test_unsupported_architecture_names_the_supported_families():
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=VOCAB))
     with pytest.raises(UnsupportedModelError, match="llama.*delta_net.*gated_deltanet"):
         adapter_for(model)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_weight_views_are_the_rows_the_features_use(name):
+    """Writing through qk_weights / qk_conv_weights changes exactly the q (or k) channel it names."""
+    model, adapter = make_model(name)
+    ids = tokens()
+    layer = adapter.linear_layers()[0]
+    before = tapped(adapter, ids)[layer]
+    q_rows, k_rows = adapter.qk_weights(layer)
+    q_conv, _ = adapter.qk_conv_weights(layer)
+    q_rows[1, 2].zero_()
+    k_rows[0, 3].mul_(2)
+    q_conv[1, 3].mul_(-1)
+    with torch.no_grad():
+        after = adapter.features(layer, before.hidden)
+    changed_q = (after.q != before.q).flatten(0, 1).any(0)  # [Hk, d_k]
+    changed_k = (after.k != before.k).flatten(0, 1).any(0)
+    assert changed_q.nonzero().tolist() == [[1, 2], [1, 3]]
+    assert changed_k.nonzero().tolist() == [[0, 3]]

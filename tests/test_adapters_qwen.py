@@ -218,9 +218,9 @@ def test_qk_weights_are_views_of_the_projection(model, ids):
         q_weight, k_weight = adapter.qk_weights(layer)
         assert q_weight.shape == k_weight.shape == (HK, DK, 64)
         assert q_weight.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
-        # with an identity convolution (last tap 1), q = silu(hidden @ W_q^T)
-        mixer = adapter.mixer(layer)
-        mixer.conv1d.weight.data.zero_()[..., -1] = 1.0
+        # with an identity convolution (last tap 1), set through the kernel views: q = silu(hidden @ W_q^T)
+        for kernel in adapter.qk_conv_weights(layer):  # [Hk, d_k, W] each
+            kernel.zero_()[..., -1] = 1.0
         f = adapter.features(layer, features[layer].hidden)
         hidden = features[layer].hidden
         for tap, weight in ((f.q, q_weight), (f.k, k_weight)):

@@ -179,6 +179,13 @@ class ModelAdapter(ABC):
         return self._qk_rows(layer, tuple(p.grad for p in params))
 
     @abstractmethod
+    def qk_conv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Views of the short-convolution kernels of the q and k channels: ([Hk, d_k, W], [Hk, d_k, W]).
+
+        None when the layer has no short convolution on q and k.
+        """
+
+    @abstractmethod
     def qk_parameters(self, layer: int) -> tuple[nn.Parameter, ...]:
         """The parameters that hold the q and k projection rows (possibly fused with others)."""
 

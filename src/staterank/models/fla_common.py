@@ -116,6 +116,16 @@ class FlaAdapter(ModelAdapter):
         q, k = tensors  # q_proj, k_proj: [Hk * d_k, hidden]
         return q.view(shape.num_k_heads, shape.head_k_dim, -1), k.view(shape.num_k_heads, shape.head_k_dim, -1)
 
+    def qk_conv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        mixer, shape = self.mixer(layer), self.layer_shape(layer)
+        if not mixer.use_short_conv:
+            return None
+        # ShortConvolution weights are [channels, 1, W]
+        return tuple(
+            getattr(mixer, f"{name}_conv1d").weight.data.view(shape.num_k_heads, shape.head_k_dim, -1)
+            for name in ("q", "k")
+        )
+
     def qk_parameters(self, layer: int) -> tuple[nn.Parameter, ...]:
         mixer = self.mixer(layer)
         return (mixer.q_proj.weight, mixer.k_proj.weight)

@@ -116,6 +116,14 @@ class QwenGatedDeltaNetAdapter(ModelAdapter):
     def conv_kernel_size(self, layer: int) -> int:
         return self.mixer(layer).conv_kernel_size
 
+    def qk_conv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mixer, shape = self.mixer(layer), self.layer_shape(layer)
+        weight = mixer.conv1d.weight.data  # [q | k | v channels, 1, W]
+        return tuple(
+            weight[start : start + mixer.key_dim].view(shape.num_k_heads, shape.head_k_dim, -1)
+            for start in (0, mixer.key_dim)
+        )
+
     # --- features -------------------------------------------------------------------------
 
     @abstractmethod
