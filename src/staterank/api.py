@@ -8,6 +8,7 @@ import torch
 
 from staterank import evaluate as evaluation
 from staterank.errors import StaterankError
+from staterank.io import check_output, output_dir, write_json
 from staterank.loading import LoadedModel, load
 
 TASKS = ("ppl",)
@@ -68,3 +69,66 @@ def evaluate(
         )
         result.update(ppl)
     return result
+
+
+def save_model(loaded: LoadedModel, directory: str | os.PathLike) -> None:
+    """Write a model and its tokenizer as a Hugging Face directory (safetensors weights)."""
+    loaded.model.save_pretrained(directory, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(directory)
+
+
+def prune(
+    model: str | os.PathLike | LoadedModel,
+    method: str,
+    ratio: float,
+    out: str | os.PathLike,
+    data: str | None = None,
+    calib_tokens: int = 32768,
+    seq_len: int = 2048,
+    align: int = 1,
+    seed: int = 0,
+    batch_size: int = 4,
+    options: dict | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **load_options,
+) -> dict:
+    """Prune MODEL with ``method`` at ``ratio`` and write the smaller model plus ``pruning.json`` to OUT.
+
+    Q/K channel methods (random, l1, wanda, taylor, pca, rrqr) keep floor(d_k (1 - ratio)) channels
+    per head. OUT is written atomically: an interrupted run leaves nothing behind.
+    """
+    from staterank.prune.qk import kept_dim, prune_channels
+
+    check_output(out, overwrite)
+    kept_dim(1 << 20, ratio, align)  # validates ratio and alignment before any loading
+    torch.manual_seed(seed)
+    loaded = load_model(model, **load_options)
+    state_bytes_before = loaded.adapter.state_bytes_per_seq()
+    result = prune_channels(
+        loaded, method, ratio, data=data, calib_tokens=calib_tokens, seq_len=seq_len, align=align, seed=seed,
+        batch_size=batch_size, options=options, progress=progress,
+    )
+    report = {
+        "model": str(loaded.path),
+        "method": method,
+        "ratio": ratio,
+        "seed": seed,
+        "data": data,
+        "calib_tokens": result.calibration.tokens if result.calibration is not None else 0,
+        "seq_len": seq_len,
+        "align": align,
+        "options": options or {},
+        "head_k_dim_before": result.head_k_dim_before,
+        "head_k_dim_after": result.head_k_dim_after,
+        "rotated": result.rotated,
+        "kept": result.kept(),
+        "state_bytes_before": state_bytes_before,
+        "state_bytes_after": loaded.adapter.state_bytes_per_seq(),
+        "params_after": sum(p.numel() for p in loaded.model.parameters()),
+        "seconds": result.seconds,
+    }
+    with output_dir(out, overwrite=overwrite) as tmp:
+        save_model(loaded, tmp)
+        write_json(tmp / "pruning.json", report)
+    return report

@@ -52,6 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     _common(p)
 
+    p = sub.add_parser("prune", help="cut the q/k dimension of every linear-attention layer")
+    p.add_argument("model")
+    p.add_argument("--method", required=True, help="random, l1, wanda, taylor, pca or rrqr")
+    p.add_argument("--ratio", type=float, required=True, help="fraction of q/k channels removed per head, in [0, 1)")
+    p.add_argument("--data", help="calibration corpus (needed by wanda, taylor, pca, rrqr)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (default: 16 x 2048)")
+    p.add_argument("--seq-len", type=int, default=2048, help="calibration sequence length (default: 2048)")
+    p.add_argument("--align", type=int, default=1, help="round the kept d_k down to a multiple of this")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. f=2.0 (repeatable)"
+    )
+    p.add_argument("--overwrite", action="store_true")
+    _model_options(p)
+    _common(p)
+
     p = sub.add_parser("train", help="pretrain a small model from a config (for studies and the bundled models)")
     p.add_argument("config", help="JSON file: a model config plus an optional 'train' section")
     p.add_argument("--data", required=True, help="training corpus")
@@ -126,6 +143,48 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _parse_options(items: list[str]) -> dict:
+    """KEY=VALUE strings to a dict, values read as JSON where they parse (numbers, booleans)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise StaterankError(f"--option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _cmd_prune(args) -> int:
+    from staterank import api
+
+    report = api.prune(
+        args.model,
+        args.method,
+        args.ratio,
+        args.out,
+        data=args.data,
+        calib_tokens=args.calib_tokens,
+        seq_len=args.seq_len,
+        align=args.align,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        options=_parse_options(args.option),
+        overwrite=args.overwrite,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
+    before, after = report["state_bytes_before"], report["state_bytes_after"]
+    print(
+        f"{report['method']}: d_k {report['head_k_dim_before']} -> {report['head_k_dim_after']} per head, "
+        f"state {before:,} -> {after:,} bytes per sequence ({after / before:.2f}x), {report['seconds']:.1f} s"
+    )
+    print(f"wrote {args.out} (pruning.json inside)")
+    return 0
+
+
 def _cmd_train(args) -> int:
     from staterank.train import train_from_cli
 
@@ -150,7 +209,13 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"info": _cmd_info, "evaluate": _cmd_evaluate, "train": _cmd_train, "demo": _cmd_demo}
+COMMANDS = {
+    "info": _cmd_info,
+    "evaluate": _cmd_evaluate,
+    "prune": _cmd_prune,
+    "train": _cmd_train,
+    "demo": _cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,131 @@
+"""Q/K channel pruning: calibrate, let a criterion choose channels per head, cut the model.
+
+Every linear-attention layer keeps d_k' = floor(d_k * (1 - ratio)) channels per key head (rounded
+down to a multiple of ``align``), the same channels for q and k, so the result is a smaller valid
+configuration that the stock model classes and the fused kernels run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from staterank.calibrate import Calibration, calibrate
+from staterank.data import load_sequences
+from staterank.errors import StaterankError
+from staterank.loading import LoadedModel
+from staterank.models import ModelAdapter
+from staterank.prune.channels import ChannelSelection, get_criterion
+
+
+class PruningOptionError(StaterankError):
+    """A ratio, alignment or method option that cannot be applied."""
+
+
+def kept_dim(head_k_dim: int, ratio: float, align: int = 1) -> int:
+    """Channels kept per head: floor(d_k * (1 - ratio)), rounded down to a multiple of ``align``."""
+    if not 0 <= ratio < 1:
+        raise PruningOptionError(f"--ratio must be in [0, 1), got {ratio}")
+    if align < 1:
+        raise PruningOptionError(f"--align must be a positive integer, got {align}")
+    kept = math.floor(head_k_dim * (1 - ratio) + 1e-9) // align * align
+    if kept < 1:
+        raise PruningOptionError(
+            f"ratio {ratio} with alignment {align} leaves no q/k channel of the {head_k_dim} per head"
+        )
+    return kept
+
+
+@dataclass
+class ChannelPruningResult:
+    """What was kept, and the numbers ``pruning.json`` records."""
+
+    selections: dict[int, ChannelSelection]
+    head_k_dim_before: int
+    head_k_dim_after: int
+    calibration: Calibration | None
+    seconds: float
+    rotated: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def kept(self) -> dict[str, dict[str, list[int]]]:
+        return {
+            str(layer): {str(head): row.tolist() for head, row in enumerate(selection.index)}
+            for layer, selection in self.selections.items()
+        }
+
+
+def _rotate(adapter: ModelAdapter, layer: int, basis: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """New q/k rows and kernels for a head-wise orthonormal basis [Hk, d', d_k] (PCA).
+
+    The rows are exact: W' = U W. The depthwise convolution and SiLU come between the projection
+    and the features, and a rotation commutes with neither. The best per-channel kernel for a new
+    direction u, if the old channels' outputs were uncorrelated, is the u^2-weighted mean of their
+    kernels, which is exact when the kernels agree; SiLU is left as it is. ``benchmarks`` measures
+    the resulting feature error.
+    """
+    q_rows, k_rows = adapter.qk_weights(layer)  # [Hk, d_k, hidden]
+    basis = basis.to(q_rows.device, torch.float64)
+    new = [torch.einsum("hed,hdi->hei", basis, rows.double()) for rows in (q_rows, k_rows)]
+    kernels = adapter.qk_conv_weights(layer)
+    if kernels is not None:
+        new += [torch.einsum("hed,hdw->hew", basis.square(), kernel.double()) for kernel in kernels]
+    return tuple(new)
+
+
+def prune_channels(
+    loaded: LoadedModel,
+    method: str,
+    ratio: float,
+    data: str | None = None,
+    calib_tokens: int = 32768,
+    seq_len: int = 2048,
+    align: int = 1,
+    seed: int = 0,
+    batch_size: int = 4,
+    options: dict | None = None,
+    progress: bool = True,
+) -> ChannelPruningResult:
+    """Prune the q/k channels of every linear-attention layer of ``loaded.model`` in place."""
+    start = time.perf_counter()
+    adapter = loaded.adapter
+    criterion = get_criterion(method, **(options or {}))
+    dims = {shape.head_k_dim for shape in adapter.shapes()}
+    if len(dims) != 1:
+        raise PruningOptionError(f"layers differ in d_k ({sorted(dims)}); channel pruning needs one d_k")
+    head_k_dim = dims.pop()
+    new_dim = kept_dim(head_k_dim, ratio, align)
+
+    calibration = None
+    if criterion.needs:
+        if data is None:
+            raise PruningOptionError(f"method {method!r} is data-driven: pass --data")
+        sequences = load_sequences(data, loaded.tokenizer, seq_len, max_tokens=calib_tokens, shuffle=True, seed=seed)
+        calibration = calibrate(
+            adapter, sequences, batch_size=batch_size, gradients="gradients" in criterion.needs, progress=progress
+        )
+
+    generator = torch.Generator().manual_seed(seed)
+    selections = {}
+    for layer in adapter.linear_layers():
+        stats = calibration[layer] if calibration is not None else None
+        weights = tuple(w.detach().float().cpu() for w in adapter.qk_weights(layer))
+        selections[layer] = criterion.select(stats, weights, new_dim, generator)
+
+    rotations = {layer: _rotate(adapter, layer, s.basis) for layer, s in selections.items() if s.basis is not None}
+    adapter.keep_qk_channels({layer: s.index for layer, s in selections.items()})
+    for layer, new in rotations.items():
+        views = adapter.qk_weights(layer) + (adapter.qk_conv_weights(layer) or ())
+        for view, values in zip(views, new, strict=True):
+            view.copy_(values.to(view.dtype))
+    return ChannelPruningResult(
+        selections=selections,
+        head_k_dim_before=head_k_dim,
+        head_k_dim_after=new_dim,
+        calibration=calibration,
+        seconds=time.perf_counter() - start,
+        rotated=bool(rotations),
+    )
