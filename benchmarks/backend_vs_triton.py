@@ -1,0 +1,101 @@
+"""Check staterank's PyTorch backend against flash-linear-attention's Triton kernels (needs a CUDA GPU).
+
+The same randomly initialised DeltaNet and Gated DeltaNet models (and the bundled models, when
+given) run once on the GPU, where fla's Triton kernels compute them, and once on the CPU, where
+staterank's backend does; both in float32. Reports the largest logit difference, the largest
+difference of the cached recurrent states, and of the gradients of the loss w.r.t. the weights.
+
+    python benchmarks/backend_vs_triton.py [--models tiny-deltanet tiny-gated-deltanet] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+
+def compare(name: str, model, vocab_size: int, batch: int, seq_len: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
+    runs = {}
+    for device in ("cuda", "cpu"):
+        model.to(device).float().train()  # train mode: the chunk kernels, as in training and prefill
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids.to(device), labels=ids.to(device), use_cache=True)
+        out.loss.backward()
+        states = [layer["recurrent_state"].detach().float().cpu() for layer in out.past_key_values]
+        grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+        runs[device] = (out.logits.detach().float().cpu(), out.loss.item(), states, grads)
+    gpu_logits, gpu_loss, gpu_states, gpu_grads = runs["cuda"]
+    cpu_logits, cpu_loss, cpu_states, cpu_grads = runs["cpu"]
+    relative_grad = max(
+        ((gpu_grads[n] - cpu_grads[n]).norm() / gpu_grads[n].norm().clamp_min(1e-12)).item() for n in gpu_grads
+    )
+    return {
+        "model": name,
+        "batch": batch,
+        "seq_len": seq_len,
+        "max_abs_logit_diff": (gpu_logits - cpu_logits).abs().max().item(),
+        "max_abs_logit": gpu_logits.abs().max().item(),
+        "loss_gpu": gpu_loss,
+        "loss_cpu": cpu_loss,
+        "max_abs_state_diff": max((a - b).abs().max().item() for a, b in zip(gpu_states, cpu_states, strict=True)),
+        "max_relative_grad_diff": relative_grad,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=[], help="model directories or bundled names to check too")
+    parser.add_argument("--seq-len", type=int, default=1000, help="not a multiple of the chunk size on purpose")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+
+    from staterank.loading import load, prepare_runtime
+
+    prepare_runtime("delta_net")
+    from fla.models import DeltaNetConfig, GatedDeltaNetConfig
+    from transformers import AutoModelForCausalLM
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    configs = {
+        "random DeltaNet (h=512, 4 layers, 8 heads)": DeltaNetConfig(
+            hidden_size=512, num_hidden_layers=4, num_heads=8, vocab_size=4096, use_gate=True
+        ),
+        "random Gated DeltaNet (h=512, 4 layers, 2 key x 4 value heads)": GatedDeltaNetConfig(
+            hidden_size=512, num_hidden_layers=4, num_heads=2, num_v_heads=4, head_dim=128, expand_v=1.0,
+            vocab_size=4096,
+        ),
+    }
+    results = []
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        results.append(compare(name, model, config.vocab_size, args.batch, args.seq_len))
+        print(json.dumps(results[-1]), flush=True)
+    for path in args.models:
+        loaded = load(path, device="cpu", dtype=torch.float32)
+        results.append(compare(path, loaded.model, loaded.model.config.vocab_size, args.batch, args.seq_len))
+        print(json.dumps(results[-1]), flush=True)
+
+    print(f"\n{'model':<66} {'max |dlogit|':>12} {'max |logit|':>11} {'max |dstate|':>12} {'rel dgrad':>10}")
+    for r in results:
+        print(
+            f"{r['model']:<66} {r['max_abs_logit_diff']:>12.2e} {r['max_abs_logit']:>11.2f} "
+            f"{r['max_abs_state_diff']:>12.2e} {r['max_relative_grad_diff']:>10.2e}"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
