@@ -27,7 +27,9 @@ def build(family: str, head_k_dim: int):
     from fla.layers import DeltaNet, GatedDeltaNet
 
     if family == "delta_net":  # fla-hub/delta_net-1.3B-100B: 16 heads of d_k = d_v = 128
-        return DeltaNet(hidden_size=2048, num_heads=16, expand_k=16 * head_k_dim / 2048, expand_v=1.0, use_gate=False, layer_idx=0)
+        return DeltaNet(
+            hidden_size=2048, num_heads=16, expand_k=16 * head_k_dim / 2048, expand_v=1.0, use_gate=False, layer_idx=0
+        )
     # fla-hub/gated_deltanet-1.3B-100B: 6 heads, head_dim 256, d_v 512
     return GatedDeltaNet(hidden_size=2048, num_heads=6, head_dim=head_k_dim, expand_v=512 / head_k_dim, layer_idx=0)
 

@@ -268,7 +268,7 @@ def train(
             group["lr"] = lr_at(step)
         batch = batch_at(step)
         with autocast:
-            logits = model(input_ids=batch).logits
+            logits = model(input_ids=batch, use_cache=False).logits
         # Every token after the first of a sequence is predicted from the ones before it.
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
         loss.backward()
@@ -338,7 +338,7 @@ def mean_loss(model: PreTrainedModel, sequences: torch.Tensor, batch_size: int, 
     for start in range(0, sequences.shape[0], batch_size):
         batch = sequences[start : start + batch_size].to(device)
         with autocast:
-            logits = model(input_ids=batch).logits
+            logits = model(input_ids=batch, use_cache=False).logits
         total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
         count += batch[:, 1:].numel()
     model.train(was_training)
