@@ -1,0 +1,1 @@
+"""Pruning: the criteria that choose what a compressed model keeps."""

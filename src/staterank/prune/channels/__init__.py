@@ -1,0 +1,45 @@
+"""Q/K channel criteria: per layer and key head, which of the d_k channels q and k keep.
+
+One file, one class per criterion (a dataclass whose fields are its options), registered by name::
+
+    criterion = get_criterion("rrqr", f=2.0)
+    selection = criterion.select(stats, adapter.qk_weights(layer), keep, generator)  # selection.index [Hk, keep]
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from staterank.prune.channels import l1, pca, random, rrqr, taylor, wanda  # noqa: F401  (they register themselves)
+from staterank.prune.channels.base import (
+    CHANNEL_CRITERIA,
+    ChannelCriterion,
+    ChannelSelection,
+    CriterionError,
+    ScoreCriterion,
+    register,
+)
+
+__all__ = [
+    "CHANNEL_CRITERIA",
+    "ChannelCriterion",
+    "ChannelSelection",
+    "CriterionError",
+    "ScoreCriterion",
+    "get_criterion",
+    "register",
+]
+
+
+def get_criterion(name: str, **options) -> ChannelCriterion:
+    """The criterion registered as ``name``, with its options set (CriterionError for unknown names or options)."""
+    if name not in CHANNEL_CRITERIA:
+        raise CriterionError(f"unknown channel criterion {name!r}; available: {', '.join(sorted(CHANNEL_CRITERIA))}")
+    cls = CHANNEL_CRITERIA[name]
+    known = [field.name for field in fields(cls)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise CriterionError(
+            f"channel criterion {name!r} has no option {', '.join(unknown)}; its options: {', '.join(known) or 'none'}"
+        )
+    return cls(**options)
