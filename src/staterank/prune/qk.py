@@ -3,6 +3,11 @@
 Every linear-attention layer keeps d_k' = floor(d_k * (1 - ratio)) channels per key head (rounded
 down to a multiple of ``align``), the same channels for q and k, so the result is a smaller valid
 configuration that the stock model classes and the fused kernels run.
+
+Removing channels changes nothing but the query scale: the kernels multiply the L2-normalised
+query by d_k^-1/2, which becomes d_k'^-1/2, so each head's output grows by sqrt(d_k / d_k')
+before its output RMSNorm, which cancels the factor up to the norm's epsilon. (q and k are
+L2-normalised inside the kernel, so no weight rescaling could undo it.)
 """
 
 from __future__ import annotations
