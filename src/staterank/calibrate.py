@@ -27,7 +27,7 @@ class CalibrationError(StaterankError):
 
 @dataclass
 class LayerStats:
-    """Running sums over calibration tokens for one linear-attention layer (float64, on the CPU).
+    """Running sums over calibration tokens for one linear-attention layer (float64).
 
     q and k are the features the delta rule receives before its L2 norm (after the short
     convolution and activation), per key head; ``*_normed`` are the same after the L2 norm.
@@ -45,9 +45,15 @@ class LayerStats:
     grad_batches: int = 0
 
     def add(self, name: str, value: torch.Tensor) -> None:
-        value = value.detach().to("cpu", torch.float64)
+        """Add to a running sum, kept in float64 on the value's device until :meth:`to_cpu`."""
+        value = value.detach().to(torch.float64)
         current = getattr(self, name)
-        setattr(self, name, value if current is None else current + value)
+        setattr(self, name, value if current is None else current.add_(value))
+
+    def to_cpu(self) -> None:
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.cpu())
 
 
 @dataclass
@@ -142,6 +148,8 @@ def calibrate(
         bar.close()
         model.zero_grad(set_to_none=True)
         model.train(was_training)
+    for stats in result.layers.values():
+        stats.to_cpu()
     result.seconds = time.perf_counter() - start
     if not math.isfinite(result.seconds) or result.tokens == 0:
         raise CalibrationError("no calibration tokens")
