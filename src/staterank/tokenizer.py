@@ -2,8 +2,7 @@
 
 Byte-level BPE (as in GPT-2) needs no unknown token: every UTF-8 byte is in the base alphabet,
 so any text round-trips exactly. One special token, ``<|endoftext|>``, separates documents and
-serves as BOS, EOS and padding; the corpus never contains it as text, so it cannot be confused
-with content.
+serves as BOS, EOS and padding (as in GPT-2, text that spells it out is encoded as that token).
 """
 
 from __future__ import annotations
@@ -32,8 +31,9 @@ def train_tokenizer(data: str | Iterable[str], vocab_size: int = 4096) -> PreTra
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise StaterankError(f"vocab size {vocab_size} is too small: the least is {MIN_VOCAB_SIZE} (256 bytes + 1)")
-    documents = read_documents(data) if isinstance(data, str) else iter(data)
-    non_empty = (doc for doc in documents if doc.strip())
+    documents = [doc for doc in (read_documents(data) if isinstance(data, str) else data) if doc.strip()]
+    if not documents:
+        raise DataError(f"{data if isinstance(data, str) else 'the documents'}: no text to train a tokenizer on")
 
     tokenizer = Tokenizer(models.BPE())
     # add_prefix_space=False keeps decode(encode(text)) == text; use_regex splits words, digits and
@@ -46,21 +46,11 @@ def train_tokenizer(data: str | Iterable[str], vocab_size: int = 4096) -> PreTra
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen in the corpus or not
         show_progress=False,
     )
-    seen = 0
-
-    def counted(docs: Iterable[str]) -> Iterable[str]:
-        nonlocal seen
-        for doc in docs:
-            seen += 1
-            yield doc
-
-    tokenizer.train_from_iterator(counted(non_empty), trainer=trainer)
-    if seen == 0:
-        raise DataError(f"{data if isinstance(data, str) else 'the documents'}: no text to train a tokenizer on")
-    return wrap(tokenizer)
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    return _wrap(tokenizer)
 
 
-def wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
+def _wrap(tokenizer: Tokenizer) -> PreTrainedTokenizerFast:
     """``tokenizer`` as a transformers tokenizer whose ``save_pretrained`` writes a loadable tokenizer.json."""
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.1,
     "grad_clip": 1.0,
     "val_data": None,  # data spec scored every val_every steps and at the end
-    "val_every": 250,
+    "val_every": 250,  # 0: validate at the end only
     "val_tokens": 262_144,  # the first this many tokens of val_data
     "save_every": 500,  # checkpoint period in steps (0: only when stopped early)
     "seed": 0,
@@ -91,8 +91,9 @@ def train(
     the summary then has ``"finished": False`` and no model is written.
 
     The summary (also written to ``OUT/training.json``) holds the tokens seen, the final training
-    loss, the validation history, the seconds spent and the parameter count; the returned dict
-    has the trained model too, under ``"model"``.
+    loss (the mean of the last few steps), the validation history, the seconds spent in training
+    steps (validation and checkpoints left out) and the parameter count; the returned dict has the
+    trained model too, under ``"model"``.
     """
     # -- options ------------------------------------------------------------------------------
     model_fields, train_section = read_config(config)
@@ -107,6 +108,9 @@ def train(
             raise StaterankError(f"{name} must be a positive integer, not {opts[name]!r}")
     if opts["seq_len"] < 2:
         raise StaterankError("seq_len must be at least 2: a sequence predicts its tokens after the first")
+
+    model_type = model_fields["model_type"]
+    prepare_runtime(model_type)  # refuses unknown families; registers fla's classes; CPU runs through PyTorch ops
 
     out = Path(out)
     checkpoint_dir = out / "checkpoint"
@@ -140,8 +144,6 @@ def train(
         raise StaterankError(f"{tokenizer_source}: the tokenizer has no EOS token to separate documents")
 
     # -- model --------------------------------------------------------------------------------
-    model_type = model_fields["model_type"]
-    prepare_runtime(model_type)  # registers fla's classes; CPU tensors run through PyTorch ops
     fields = {k: v for k, v in model_fields.items() if k != "model_type"}
     # The tokenizer decides the vocabulary and the special ids; EOS doubles as BOS and padding.
     fields.update(
@@ -247,8 +249,8 @@ def train(
         lr, warmup, total = opts["lr"], opts["warmup_steps"], opts["steps"]
         if step < warmup:
             return lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return lr * (opts["min_lr_ratio"] + (1 - opts["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
+        done = (step - warmup) / max(1, total - warmup)
+        return lr * (opts["min_lr_ratio"] + (1 - opts["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * done)))
 
     def validate() -> None:
         loss = mean_loss(model, val_sequences, opts["batch_size"], autocast)
@@ -290,7 +292,8 @@ def train(
         bar.update(1)
         seconds += time.perf_counter() - started
 
-        if val_sequences is not None and (step % opts["val_every"] == 0 or step == opts["steps"]):
+        periodic = opts["val_every"] and step % opts["val_every"] == 0
+        if val_sequences is not None and (periodic or step == opts["steps"]):
             validate()
             window_start = time.perf_counter()  # keep validation time out of the tokens/s figure
         if step < opts["steps"] and (step == end or (opts["save_every"] and step % opts["save_every"] == 0)):
