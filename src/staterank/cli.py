@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device")
     _common(p)
+    p.set_defaults(seed=None)  # None: the config's "train" section (or the trainer's default) decides
 
     p = sub.add_parser("demo", help="the pipeline on the bundled tiny model, on CPU, in minutes")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")

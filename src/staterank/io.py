@@ -14,6 +14,19 @@ from typing import Any
 from staterank.errors import OutputExistsError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_permissions(path: Path) -> None:
+    """Give what tempfile created owner-only the permissions a plain open() or mkdir() would have."""
+    mask = _umask()
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse to replace an existing output unless ``overwrite``; return the path."""
     path = Path(path)
@@ -31,6 +44,7 @@ def write_json(path: str | os.PathLike, data: Any, overwrite: bool = True) -> Pa
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
+        _usual_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -49,6 +63,7 @@ def output_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _usual_permissions(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
