@@ -63,9 +63,11 @@ def ids(n: int = 2, length: int = 40) -> torch.Tensor:
 
 def test_kept_dim_and_alignment():
     assert kept_dim(128, 0.5) == 64
-    assert kept_dim(128, 0.3) == 89  # floor(89.6)
+    assert kept_dim(128, 0.3, align=1) == 89  # floor(89.6)
     assert kept_dim(128, 0.3, align=16) == 80
-    assert kept_dim(100, 0.0) == 100
+    assert kept_dim(128, 0.3) == 80  # the default alignment, 16
+    assert kept_dim(100, 0.0) == 100  # ratio 0 keeps every channel, aligned or not
+    assert kept_dim(16, 0.5) == 8  # heads too small for the default alignment stay unaligned
     for ratio in (-0.1, 1.0, 1.5):
         with pytest.raises(Exception, match="ratio"):
             kept_dim(128, ratio)

@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (default: 16 x 2048)")
     p.add_argument("--seq-len", type=int, default=2048, help="calibration sequence length (default: 2048)")
-    p.add_argument("--align", type=int, default=1, help="round the kept d_k down to a multiple of this")
+    p.add_argument(
+        "--align", type=int, help="round the kept d_k down to a multiple of this (default: 16 where d_k' >= 16)"
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. f=2.0 (repeatable)"

@@ -30,13 +30,25 @@ class PruningOptionError(StaterankError):
     """A ratio, alignment or method option that cannot be applied."""
 
 
-def kept_dim(head_k_dim: int, ratio: float, align: int = 1) -> int:
-    """Channels kept per head: floor(d_k * (1 - ratio)), rounded down to a multiple of ``align``."""
+#: The default alignment. On an H100, fla 0.6.0's kernels accept any d_k, but a d_k that is not a
+#: multiple of 16 runs about as slowly as the next multiple of 16 above it (docs/RESULTS.md).
+DEFAULT_ALIGN = 16
+
+
+def kept_dim(head_k_dim: int, ratio: float, align: int | None = None) -> int:
+    """Channels kept per head: floor(d_k * (1 - ratio)), rounded down to a multiple of ``align``.
+
+    ``align=None`` rounds to :data:`DEFAULT_ALIGN` when that keeps at least one multiple of it
+    (and the full d_k when ratio is 0), and leaves tiny heads unaligned otherwise.
+    """
     if not 0 <= ratio < 1:
         raise PruningOptionError(f"--ratio must be in [0, 1), got {ratio}")
-    if align < 1:
+    if align is not None and align < 1:
         raise PruningOptionError(f"--align must be a positive integer, got {align}")
-    kept = math.floor(head_k_dim * (1 - ratio) + 1e-9) // align * align
+    kept = math.floor(head_k_dim * (1 - ratio) + 1e-9)
+    if align is None:
+        align = DEFAULT_ALIGN if kept >= DEFAULT_ALIGN and kept < head_k_dim else 1
+    kept = kept // align * align
     if kept < 1:
         raise PruningOptionError(
             f"ratio {ratio} with alignment {align} leaves no q/k channel of the {head_k_dim} per head"
@@ -88,7 +100,7 @@ def prune_channels(
     data: str | None = None,
     calib_tokens: int = 32768,
     seq_len: int = 2048,
-    align: int = 1,
+    align: int | None = None,
     seed: int = 0,
     batch_size: int = 4,
     options: dict | None = None,
