@@ -102,7 +102,8 @@ def test_random_is_seeded():
 @pytest.mark.parametrize("include_queries", [False, True])
 def test_pca_spans_top_eigenvectors(problem, include_queries):
     weights, stats, _, _ = problem
-    selection = select("pca", stats, weights, include_queries=include_queries)
+    assert select("pca", stats, weights, include_queries=include_queries).basis is None  # channels by default
+    selection = select("pca", stats, weights, include_queries=include_queries, rotate=True)
     assert selection.basis.shape == (HEADS, KEEP, D_K)
     for h in range(HEADS):
         gram = stats.gram_k_normed[h].numpy() + (stats.gram_q_normed[h].numpy() if include_queries else 0)

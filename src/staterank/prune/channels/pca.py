@@ -28,12 +28,16 @@ class PCACriterion(ChannelCriterion):
     A rotation does not commute with the depthwise short convolution (one kernel per channel) nor with the SiLU
     after it, nor with the L2 norm of the kept part: B conv(W x) is not conv'(B W x) for any depthwise conv'. Folding
     B into the projection rows is exact up to the convolution; the kernels and the activation must be approximated
-    by the caller (the pruning driver), not here.
+    by the caller (the pruning driver), not here. Measured on tiny-deltanet (docs/RESULTS.md), that approximation
+    is far off (SiLU features are mostly positive; a signed rotation before SiLU is not one after it), so by default
+    (``rotate=False``) no basis is returned and the head keeps the ``index`` channels: the channels that carry most
+    of the principal subspace. ``rotate=True`` returns the basis for the driver to fold in.
     """
 
     name = "pca"
     needs = frozenset({"features"})
     include_queries: bool = False
+    rotate: bool = False
 
     def _select(
         self, stats: LayerStats | None, weights: tuple[Tensor, Tensor], keep: int, generator: torch.Generator
@@ -45,4 +49,4 @@ class PCACriterion(ChannelCriterion):
         basis = eigenvectors.flip(-1)[..., :keep].transpose(-1, -2)  # [Hk, keep, d_k]
         basis = basis * basis.gather(-1, basis.abs().argmax(-1, keepdim=True)).sign()  # unit rows: never 0
         energy = basis.square().sum(-2)  # [Hk, d_k]
-        return ChannelSelection(top_channels(energy, keep), scores=energy, basis=basis)
+        return ChannelSelection(top_channels(energy, keep), scores=energy, basis=basis if self.rotate else None)
