@@ -61,10 +61,11 @@ def main() -> int:
     for ratio in args.ratios:
         for method in args.methods:
             loaded = api.load_model(args.model, device="cpu")
+            name, _, option = method.partition(":")
             start = time.perf_counter()
             result = prune_channels(
                 loaded,
-                method,
+                name,
                 ratio,
                 data="techdocs",
                 calib_tokens=args.calib_tokens,
@@ -72,6 +73,7 @@ def main() -> int:
                 align=1,
                 progress=False,
                 batch_size=8,
+                options={option: True} if option else None,
             )
             row = {
                 "method": method,
