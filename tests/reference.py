@@ -34,3 +34,30 @@ def delta_rule_loop(features: HeadFeatures) -> tuple[torch.Tensor, torch.Tensor]
             state[:, h] = decay * transition @ state[:, h] + bt * kt[:, :, None] * vt[:, None, :]
             out[:, t, h] = torch.einsum("bkv,bk->bv", state[:, h], qt * scale)
     return out, state
+
+
+def tiny_config(model_type: str, vocab_size: int):
+    """A three-layer config of a family; the transformers hybrids put full attention in the last layer.
+
+    Linear-attention layers: 2 key heads x 4 value heads (1 x 1 groups of 4 for delta_net), d_k = d_v = 8.
+    """
+    from fla.models import DeltaNetConfig, GatedDeltaNetConfig
+    from transformers import Qwen3_5TextConfig, Qwen3NextConfig
+
+    hybrid = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "linear_attention", "full_attention"],
+    )
+    return {
+        "delta_net": lambda: DeltaNetConfig(hidden_size=32, num_hidden_layers=3, num_heads=4, vocab_size=vocab_size),
+        "gated_deltanet": lambda: GatedDeltaNetConfig(
+            hidden_size=32, num_hidden_layers=3, num_heads=2, num_v_heads=4, head_dim=8, expand_v=1.0,
+            vocab_size=vocab_size,
+        ),
+        "qwen3_next": lambda: Qwen3NextConfig(
+            **hybrid, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16
+        ),
+        "qwen3_5_text": lambda: Qwen3_5TextConfig(**hybrid),
+    }[model_type]()

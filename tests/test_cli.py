@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import tiny_config
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from staterank import api
@@ -135,29 +136,11 @@ def test_python_dash_m_runs_the_same_command(model_dir):
     assert json.loads(done.stdout)["model_type"] == "gated_deltanet"
 
 
-def _tiny_config(model_type: str, vocab_size: int):
-    from fla.models import DeltaNetConfig
-    from transformers import Qwen3_5TextConfig, Qwen3NextConfig
-
-    hybrid = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
-        linear_num_value_heads=4, linear_conv_kernel_dim=4,
-        layer_types=["linear_attention", "linear_attention", "full_attention"],
-    )
-    return {
-        "delta_net": lambda: DeltaNetConfig(hidden_size=32, num_hidden_layers=3, num_heads=4, vocab_size=vocab_size),
-        "qwen3_next": lambda: Qwen3NextConfig(**hybrid, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16,
-                                              shared_expert_intermediate_size=16),
-        "qwen3_5_text": lambda: Qwen3_5TextConfig(**hybrid),
-    }[model_type]()
-
-
 @pytest.mark.parametrize("model_type", ["delta_net", "qwen3_next", "qwen3_5_text"])
 def test_info_for_every_family(model_type, model_dir, tmp_path, capsys):
     """Hybrid models list only their linear-attention layers; shapes come from the config."""
     tokenizer = api.load_model(model_dir).tokenizer
-    AutoModelForCausalLM.from_config(_tiny_config(model_type, len(tokenizer))).save_pretrained(tmp_path)
+    AutoModelForCausalLM.from_config(tiny_config(model_type, len(tokenizer))).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     assert main(["info", str(tmp_path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

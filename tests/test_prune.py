@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from reference import tiny_config
 from transformers import AutoModelForCausalLM
 
 from staterank import api
@@ -186,3 +187,20 @@ def test_nan_features_name_the_layer_and_head(deltanet_dir, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "layer 1, head(s) [1]" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_5_text"])
+def test_transformers_hybrids_prune_and_reload(model_type, tokenizer, tmp_path):
+    """Only the linear-attention layers change; the saved model reloads through stock transformers."""
+    source = tmp_path / "source"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config(model_type, len(tokenizer))).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    report = api.prune(source, "rrqr", 0.5, tmp_path / "out", data="techdocs", calib_tokens=256, seq_len=64,
+                       progress=False)
+    assert set(report["kept"]) == {"0", "1"} and report["head_k_dim_after"] == 4
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.config.linear_key_head_dim == 4
+    assert reloaded.model.layers[2].self_attn.q_proj.weight.shape == (2 * 16 * 2, 32)  # full attention untouched
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids()).logits, api.load_model(tmp_path / "out").model(ids()).logits)

@@ -199,16 +199,46 @@ def _cmd_demo(args) -> int:
     from staterank.io import write_json
 
     out = Path(args.out)
+    corpora = ("techdocs-val", "wikitext-test")
+
+    def evaluate(model) -> dict[str, float]:
+        scores = {}
+        for data in corpora:
+            result = api.evaluate(model, data, seq_len=512, max_tokens=32768, device=args.device, seed=args.seed)
+            write_json(out / f"eval-{Path(str(model)).name}-{data}.json", result)
+            scores[data] = result["ppl"]
+        return scores
+
     print(f"== info: {args.model}")
     info = api.info(args.model, device=args.device)
     _print_info(info)
     write_json(out / "info.json", info)
-    for data in ("techdocs-val", "wikitext-test"):
-        print(f"== evaluate: perplexity on {data}")
-        result = api.evaluate(args.model, data, seq_len=512, max_tokens=65536, device=args.device, seed=args.seed)
-        print(f"perplexity {result['ppl']:.2f} over {result['tokens']:,} tokens")
-        write_json(out / f"eval-{data}.json", result)
-    print(f"results in {out}/")
+    print("== evaluate: perplexity before pruning")
+    table = {"original": evaluate(args.model)}
+    for method in ("rrqr", "l1"):
+        pruned = out / f"{method}-50"
+        print(f"== prune: {method}, half of the q/k channels of every head")
+        report = api.prune(
+            args.model,
+            method,
+            0.5,
+            pruned,
+            data="techdocs",
+            calib_tokens=16384,
+            seq_len=512,
+            seed=args.seed,
+            device=args.device,
+            overwrite=True,
+        )
+        print(
+            f"d_k {report['head_k_dim_before']} -> {report['head_k_dim_after']}, state bytes per sequence "
+            f"{report['state_bytes_before']:,} -> {report['state_bytes_after']:,}"
+        )
+        table[f"{method} 50%"] = evaluate(pruned)
+    print(f"\n{'perplexity':<12}" + "".join(f"{data:>16}" for data in corpora))
+    for name, scores in table.items():
+        print(f"{name:<12}" + "".join(f"{scores[data]:>16.2f}" for data in corpora))
+    print(f"\nresults in {out}/ (no recovery fine-tuning yet: pruned perplexities are before any LoRA)")
     return 0
 
 
