@@ -18,25 +18,32 @@ import sys
 import torch
 
 
-def compare(name: str, model, vocab_size: int, batch: int, seq_len: int) -> dict:
+def compare(name: str, model, vocab_size: int, batch: int, seq_len: int, backward: bool) -> dict:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
     runs = {}
     model.to(torch.bfloat16)  # round the weights once: both runs see the same values
     for device, dtype in (("cuda", torch.bfloat16), ("cpu", torch.float32)):
-        model.to(device, dtype).train()  # train mode: the chunk kernels, as in training and prefill
+        # train mode with gradients: the chunk kernels, as in training; eval: as in prefill
+        model.to(device, dtype).train(backward)
         model.zero_grad(set_to_none=True)
-        out = model(input_ids=ids.to(device), labels=ids.to(device), use_cache=True)
+        with torch.set_grad_enabled(backward):
+            out = model(input_ids=ids.to(device), use_cache=True)
+        logits = out.logits.float()
+        # the loss from the logits here: fla's fused criterion overwrites its logits with gradients on the GPU
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten().to(device))
         states = [layer["recurrent_state"].detach().float().cpu() for layer in out.past_key_values]
-        try:
-            out.loss.backward()
-            grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
-        except Exception as e:  # fla refuses some backward kernels on some GPU / Triton pairs: report, go on
-            grads = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        runs[device] = (out.logits.detach().float().cpu(), out.loss.item(), states, grads)
+        grads = None
+        if backward:
+            try:
+                loss.backward()
+                grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+            except Exception as e:  # fla refuses some backward kernels on some GPU / Triton pairs: report, go on
+                grads = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        runs[device] = (logits.detach().cpu(), loss.item(), states, grads)
     gpu_logits, gpu_loss, gpu_states, gpu_grads = runs["cuda"]
     cpu_logits, cpu_loss, cpu_states, cpu_grads = runs["cpu"]
-    if isinstance(gpu_grads, str):
+    if gpu_grads is None or isinstance(gpu_grads, str):
         relative_grad = None
     else:
         relative_grad = max(
@@ -64,6 +71,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="*", default=[], help="model directories or bundled names to check too")
     parser.add_argument("--seq-len", type=int, default=1000, help="not a multiple of the chunk size on purpose")
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--backward", action="store_true", help="also compare gradients (compiles more kernels)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -94,11 +102,13 @@ def main() -> int:
     for name, config in configs.items():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
-        results.append(compare(name, model, config.vocab_size, args.batch, args.seq_len))
+        results.append(compare(name, model, config.vocab_size, args.batch, args.seq_len, args.backward))
         print(json.dumps(results[-1]), flush=True)
     for path in args.models:
         loaded = load(path, device="cpu", dtype=torch.float32)
-        results.append(compare(path, loaded.model, loaded.model.config.vocab_size, args.batch, args.seq_len))
+        results.append(
+            compare(path, loaded.model, loaded.model.config.vocab_size, args.batch, args.seq_len, args.backward)
+        )
         print(json.dumps(results[-1]), flush=True)
 
     print(
