@@ -239,3 +239,15 @@ def test_weight_views_are_the_rows_the_features_use(name):
     changed_k = (after.k != before.k).flatten(0, 1).any(0)
     assert changed_q.nonzero().tolist() == [[1, 2], [1, 3]]
     assert changed_k.nonzero().tolist() == [[0, 3]]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_cached_state_is_the_final_state_of_the_recurrence(name):
+    model, adapter = make_model(name)
+    ids = tokens()
+    features = {}
+    with torch.no_grad(), adapter.tap(lambda f: features.__setitem__(f.layer, f)):
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    for layer in adapter.linear_layers():
+        _, expected = delta_rule_loop(features[layer])  # [B, Hv, d_k, d_v]
+        torch.testing.assert_close(adapter.cached_state(cache, layer).double(), expected, atol=1e-4, rtol=1e-4)

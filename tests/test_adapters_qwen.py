@@ -349,3 +349,13 @@ def test_multimodal_qwen3_5(ids, tmp_path):
     text_only = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert text_only.config.model_type == "qwen3_5_text"
     torch.testing.assert_close(logits(text_only, ids), logits(model, ids), rtol=0, atol=1e-6)
+
+
+def test_cached_state_is_the_final_state_of_the_recurrence(model, ids):
+    adapter = adapter_for(model)
+    features = {}
+    with torch.no_grad(), adapter.tap(lambda f: features.__setitem__(f.layer, f)):
+        cache = model(ids, use_cache=True).past_key_values
+    for layer in LINEAR:
+        _, expected = delta_rule_loop(features[layer])  # [B, Hv, d_k, d_v]
+        torch.testing.assert_close(adapter.cached_state(cache, layer).double(), expected, atol=1e-4, rtol=1e-4)

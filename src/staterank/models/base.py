@@ -179,6 +179,10 @@ class ModelAdapter(ABC):
         return self._qk_rows(layer, tuple(p.grad for p in params))
 
     @abstractmethod
+    def cached_state(self, cache, layer: int) -> torch.Tensor:
+        """The recurrent state a forward with ``use_cache=True`` left in ``cache``: [B, Hv, d_k, d_v]."""
+
+    @abstractmethod
     def qk_conv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Views of the short-convolution kernels of the q and k channels: ([Hk, d_k, W], [Hk, d_k, W]).
 

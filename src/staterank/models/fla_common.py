@@ -51,6 +51,7 @@ class FlaAdapter(ModelAdapter):
     """Shared plumbing of the fla DeltaNet and Gated DeltaNet adapters."""
 
     state_dtype = torch.float32  # fla's kernels return and cache the state in fp32
+    state_v_first = False  # whether the layer asks the kernels for [.., d_v, d_k] states
     layer_class_name: str
 
     def __init__(self, model) -> None:
@@ -115,6 +116,10 @@ class FlaAdapter(ModelAdapter):
         shape = self.layer_shape(layer)
         q, k = tensors  # q_proj, k_proj: [Hk * d_k, hidden]
         return q.view(shape.num_k_heads, shape.head_k_dim, -1), k.view(shape.num_k_heads, shape.head_k_dim, -1)
+
+    def cached_state(self, cache, layer: int) -> torch.Tensor:
+        state = cache[layer]["recurrent_state"]  # [B, H, d_k, d_v]; Gated DeltaNet keeps [B, Hv, d_v, d_k]
+        return state.transpose(-1, -2) if self.state_v_first else state
 
     def qk_conv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         mixer, shape = self.mixer(layer), self.layer_shape(layer)

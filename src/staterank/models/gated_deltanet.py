@@ -22,6 +22,7 @@ class GatedDeltaNetAdapter(FlaAdapter):
     family = "Gated DeltaNet (flash-linear-attention)"
     model_types = ("gated_deltanet",)
     layer_class_name = "GatedDeltaNet"
+    state_v_first = True  # fla 0.6.0's GatedDeltaNet calls its kernels with state_v_first=True
 
     def layer_shape(self, layer: int) -> LayerShape:
         mixer = self.mixer(layer)

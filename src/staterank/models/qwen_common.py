@@ -116,6 +116,9 @@ class QwenGatedDeltaNetAdapter(ModelAdapter):
     def conv_kernel_size(self, layer: int) -> int:
         return self.mixer(layer).conv_kernel_size
 
+    def cached_state(self, cache, layer: int) -> torch.Tensor:
+        return cache.layers[layer].recurrent_states[0]  # [B, Hv, d_k, d_v], as the torch reference keeps it
+
     def qk_conv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         mixer, shape = self.mixer(layer), self.layer_shape(layer)
         weight = mixer.conv1d.weight.data  # [q | k | v channels, 1, W]
