@@ -8,7 +8,7 @@ from staterank.errors import StaterankError
 
 __version__ = "0.1.0"
 
-_API = ("evaluate", "info", "load_model", "prune")
+_API = ("analyze", "evaluate", "info", "load_model", "prune")
 
 
 def __getattr__(name: str):

@@ -106,8 +106,17 @@ def prune(
     loaded = load_model(model, **load_options)
     state_bytes_before = loaded.adapter.state_bytes_per_seq()
     result = prune_channels(
-        loaded, method, ratio, data=data, calib_tokens=calib_tokens, seq_len=seq_len, align=align, seed=seed,
-        batch_size=batch_size, options=options, progress=progress,
+        loaded,
+        method,
+        ratio,
+        data=data,
+        calib_tokens=calib_tokens,
+        seq_len=seq_len,
+        align=align,
+        seed=seed,
+        batch_size=batch_size,
+        options=options,
+        progress=progress,
     )
     report = {
         "model": str(loaded.path),
@@ -132,3 +141,65 @@ def prune(
         save_model(loaded, tmp)
         write_json(tmp / "pruning.json", report)
     return report
+
+
+def _write_metric_csvs(result: dict, directory) -> None:
+    """One CSV per metric: a row per (layer, head), a column per position (mean over samples)."""
+    import csv
+
+    from staterank.analysis import METRICS
+
+    for metric in METRICS:
+        with open(directory / f"{metric}.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["layer", "head", "group", *[f"t={t}" for t in result["positions"]]])
+            for layer in result["layers"]:
+                for head in layer["heads"]:
+                    writer.writerow([layer["layer"], head["head"], head["group"], *head[metric]])
+
+
+def analyze(
+    model: str | os.PathLike | LoadedModel,
+    data: str | list[str],
+    out: str | os.PathLike,
+    samples: int = 8,
+    seq_len: int = 2048,
+    positions: list[int] | None = None,
+    eps: float = 1e-4,
+    seed: int = 0,
+    batch_size: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    **load_options,
+) -> dict:
+    """State-rank analysis of MODEL; writes rank.json, one CSV per metric and PNG plots into OUT."""
+    from staterank import analysis
+    from staterank.plots import analysis_plots
+
+    check_output(out, overwrite)
+    data = [data] if isinstance(data, str) else list(data)
+    analysis.check_options(seq_len, positions, eps, samples)
+    torch.manual_seed(seed)
+    loaded = load_model(model, **load_options)
+    result = analysis.analyze(
+        loaded,
+        data,
+        samples=samples,
+        seq_len=seq_len,
+        positions=positions,
+        eps=eps,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    with output_dir(out, overwrite=overwrite) as tmp:
+        write_json(tmp / "rank.json", result.json)
+        _write_metric_csvs(result.json, tmp)
+        analysis_plots(
+            result.json,
+            result.spectra,
+            tmp,
+            domain_ranks=result.domain_ranks or None,
+            spearman=result.cross_domain_spearman,
+        )
+    return result.json

@@ -52,6 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     _common(p)
 
+    p = sub.add_parser("analyze", help="state-rank analysis of every linear-attention head, with plots")
+    p.add_argument("model")
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        help="corpus; give it twice to compare two domains (e.g. techdocs-val, wikitext-test)",
+    )
+    p.add_argument("--out", required=True, help="output directory (rank.json, CSVs, PNGs)")
+    p.add_argument("--samples", type=int, default=8, help="sequences per corpus (default: 8)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
+    p.add_argument(
+        "--positions",
+        type=lambda text: [int(t) for t in text.split(",")],
+        help="comma-separated token counts at which to read the states (default: log-spaced, and the last)",
+    )
+    p.add_argument("--eps", type=float, default=1e-4, help="effective rank counts singular values > eps * largest")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true")
+    _model_options(p)
+    _common(p)
+
     p = sub.add_parser("prune", help="cut the q/k dimension of every linear-attention layer")
     p.add_argument("model")
     p.add_argument("--method", required=True, help="random, l1, wanda, taylor, pca or rrqr")
@@ -143,6 +165,37 @@ def _cmd_evaluate(args) -> int:
     if args.out:
         write_json(args.out, result, overwrite=args.overwrite)
         print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_analyze(args) -> int:
+    from staterank import api
+
+    result = api.analyze(
+        args.model,
+        args.data,
+        args.out,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        positions=args.positions,
+        eps=args.eps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+    )
+    strat, stability = result["stratification"], result["stability"]
+    print(
+        f"{strat['low']} low-rank and {strat['high']} high-rank heads (gap {strat['gap']:.3f} of capacity); "
+        f"groups decided by token {strat['decided_at_position']['median']} (median)"
+    )
+    rho = stability["across_samples_spearman"]
+    print(f"rank correlation across samples {'n/a' if rho is None else f'{rho:.3f}'}", end="")
+    if "across_domains_spearman" in stability:
+        rho = stability["across_domains_spearman"]
+        print(f", across domains {'n/a' if rho is None else f'{rho:.3f}'}", end="")
+    print(f"\nwrote {args.out} (rank.json, CSVs, plots) in {result['seconds']:.1f} s")
     return 0
 
 
@@ -244,6 +297,7 @@ def _cmd_demo(args) -> int:
 
 COMMANDS = {
     "info": _cmd_info,
+    "analyze": _cmd_analyze,
     "evaluate": _cmd_evaluate,
     "prune": _cmd_prune,
     "train": _cmd_train,
