@@ -91,3 +91,16 @@ def test_bad_input(model_dir, tmp_path, capsys, tokenizer):
     tokenizer.save_pretrained(no_linear)
     assert main(["analyze", str(no_linear), "--data", "techdocs-val", "--out", str(tmp_path / "o")]) == 2
     assert "no linear-attention layers" in capsys.readouterr().err
+
+
+def test_final_state_equals_the_cached_state(model_dir):
+    from staterank.rank import states_at
+
+    loaded = api.load_model(model_dir)
+    ids = torch.randint(0, 300, (2, 150), generator=torch.Generator().manual_seed(0))
+    features = {}
+    with torch.no_grad(), loaded.adapter.tap(lambda f: features.__setitem__(f.layer, f)):
+        cache = loaded.model(input_ids=ids, use_cache=True).past_key_values
+    for layer, f in features.items():
+        final = states_at(f, [150])[0]  # [B, Hv, d_k, d_v]
+        torch.testing.assert_close(final, loaded.adapter.cached_state(cache, layer).float(), rtol=1e-4, atol=1e-5)
