@@ -77,7 +77,7 @@ def check_options(seq_len: int, positions: list[int] | None, eps: float, samples
     return positions
 
 
-def _collect(
+def collect_metrics(
     loaded: LoadedModel,
     sequences: torch.Tensor,
     positions: list[int],
@@ -140,7 +140,9 @@ def analyze(
         sequences = load_sequences(
             spec, loaded.tokenizer, seq_len, max_tokens=samples * seq_len, shuffle=True, seed=seed
         )
-        values, spectra, order = _collect(loaded, sequences, positions, eps, batch_size, progress, f"analyze {spec}")
+        values, spectra, order = collect_metrics(
+            loaded, sequences, positions, eps, batch_size, progress, f"analyze {spec}"
+        )
         domains.append(DomainRanks(spec, values, spectra, samples=int(sequences.shape[0])))
 
     main = domains[0]

@@ -89,6 +89,8 @@ def prune(
     seed: int = 0,
     batch_size: int = 4,
     options: dict | None = None,
+    alpha: float = 0.5,
+    scope: str = "layer",
     overwrite: bool = False,
     progress: bool = True,
     **load_options,
@@ -96,47 +98,77 @@ def prune(
     """Prune MODEL with ``method`` at ``ratio`` and write the smaller model plus ``pruning.json`` to OUT.
 
     Q/K channel methods (random, l1, wanda, taylor, pca, rrqr) keep floor(d_k (1 - ratio)) channels
-    per head. OUT is written atomically: an interrupted run leaves nothing behind.
+    per head. Head methods (jrnp, heads-rank, heads-norm, heads-low-rank, heads-random) remove the
+    fraction ``ratio`` of the linear-attention heads. OUT is written atomically: an interrupted run
+    leaves nothing behind.
     """
+    from staterank.prune.heads import HEAD_CRITERIA, get_head_criterion, heads_to_remove, prune_heads
     from staterank.prune.qk import kept_dim, prune_channels
 
     check_output(out, overwrite)
-    kept_dim(1 << 20, ratio, align)  # validates ratio and alignment before any loading
+    head_method = method in HEAD_CRITERIA
+    if head_method:  # validate options before any loading
+        options = {"alpha": alpha, **(options or {})} if method == "jrnp" else dict(options or {})
+        criterion = get_head_criterion(method, **options)
+        heads_to_remove({}, {}, ratio)
+    else:
+        kept_dim(1 << 20, ratio, align)
     torch.manual_seed(seed)
     loaded = load_model(model, **load_options)
     state_bytes_before = loaded.adapter.state_bytes_per_seq()
-    result = prune_channels(
-        loaded,
-        method,
-        ratio,
-        data=data,
-        calib_tokens=calib_tokens,
-        seq_len=seq_len,
-        align=align,
-        seed=seed,
-        batch_size=batch_size,
-        options=options,
-        progress=progress,
+    report = {"model": str(loaded.path), "method": method, "ratio": ratio, "seed": seed, "data": data}
+    if head_method:
+        heads = prune_heads(
+            loaded,
+            criterion,
+            ratio,
+            data=data,
+            calib_tokens=calib_tokens,
+            seq_len=seq_len,
+            seed=seed,
+            batch_size=batch_size,
+            scope=scope,
+            progress=progress,
+        )
+        report.update(
+            calib_tokens=heads.profile_tokens,
+            seq_len=seq_len,
+            options=options,
+            scope=scope,
+            removed={str(layer): heads_ for layer, heads_ in heads.removed.items()},
+            scores={str(layer): values for layer, values in heads.scores.items()},
+            seconds=heads.seconds,
+        )
+    else:
+        result = prune_channels(
+            loaded,
+            method,
+            ratio,
+            data=data,
+            calib_tokens=calib_tokens,
+            seq_len=seq_len,
+            align=align,
+            seed=seed,
+            batch_size=batch_size,
+            options=options,
+            progress=progress,
+        )
+        report.update(
+            calib_tokens=result.calibration.tokens if result.calibration is not None else 0,
+            seq_len=seq_len,
+            align=align if align is not None else "auto",
+            options=options or {},
+            head_k_dim_before=result.head_k_dim_before,
+            head_k_dim_after=result.head_k_dim_after,
+            rotated=result.rotated,
+            kept=result.kept(),
+            seconds=result.seconds,
+        )
+    report.update(
+        state_bytes_before=state_bytes_before,
+        state_bytes_after=loaded.adapter.state_bytes_per_seq(),
+        params_after=sum(p.numel() for p in loaded.model.parameters()),
     )
-    report = {
-        "model": str(loaded.path),
-        "method": method,
-        "ratio": ratio,
-        "seed": seed,
-        "data": data,
-        "calib_tokens": result.calibration.tokens if result.calibration is not None else 0,
-        "seq_len": seq_len,
-        "align": align if align is not None else "auto",
-        "options": options or {},
-        "head_k_dim_before": result.head_k_dim_before,
-        "head_k_dim_after": result.head_k_dim_after,
-        "rotated": result.rotated,
-        "kept": result.kept(),
-        "state_bytes_before": state_bytes_before,
-        "state_bytes_after": loaded.adapter.state_bytes_per_seq(),
-        "params_after": sum(p.numel() for p in loaded.model.parameters()),
-        "seconds": result.seconds,
-    }
     with output_dir(out, overwrite=overwrite) as tmp:
         save_model(loaded, tmp)
         write_json(tmp / "pruning.json", report)

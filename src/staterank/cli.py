@@ -76,8 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="cut the q/k dimension of every linear-attention layer")
     p.add_argument("model")
-    p.add_argument("--method", required=True, help="random, l1, wanda, taylor, pca or rrqr")
-    p.add_argument("--ratio", type=float, required=True, help="fraction of q/k channels removed per head, in [0, 1)")
+    p.add_argument(
+        "--method",
+        required=True,
+        help="q/k channels: random, l1, wanda, taylor, pca, rrqr; heads: jrnp, heads-rank, heads-norm, "
+        "heads-low-rank, heads-random",
+    )
+    p.add_argument(
+        "--ratio", type=float, required=True, help="fraction of q/k channels per head (or of heads) removed, in [0, 1)"
+    )
+    p.add_argument("--alpha", type=float, default=0.5, help="jrnp: weight of the rank in the Saturation Score")
+    p.add_argument("--scope", default="layer", choices=["layer", "global"], help="head methods: where to count")
     p.add_argument("--data", help="calibration corpus (needed by wanda, taylor, pca, rrqr)")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (default: 16 x 2048)")
@@ -228,14 +237,21 @@ def _cmd_prune(args) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         options=_parse_options(args.option),
+        alpha=args.alpha,
+        scope=args.scope,
         overwrite=args.overwrite,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
     )
     before, after = report["state_bytes_before"], report["state_bytes_after"]
+    if "removed" in report:
+        count = sum(len(heads) for heads in report["removed"].values())
+        what = f"removed {count} heads ({len(report['removed'][next(iter(report['removed']))])} per layer)"
+    else:
+        what = f"d_k {report['head_k_dim_before']} -> {report['head_k_dim_after']} per head"
     print(
-        f"{report['method']}: d_k {report['head_k_dim_before']} -> {report['head_k_dim_after']} per head, "
-        f"state {before:,} -> {after:,} bytes per sequence ({after / before:.2f}x), {report['seconds']:.1f} s"
+        f"{report['method']}: {what}, state {before:,} -> {after:,} bytes per sequence ({after / before:.2f}x), "
+        f"{report['seconds']:.1f} s"
     )
     print(f"wrote {args.out} (pruning.json inside)")
     return 0
