@@ -35,21 +35,28 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
-def write_json(path: str | os.PathLike, data: Any, overwrite: bool = True) -> Path:
-    """Write JSON to a temporary file beside ``path``, then rename it into place."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", overwrite: bool = True) -> Iterator:
+    """Open a temporary file beside ``path`` for writing; it replaces ``path`` only if the block succeeds."""
     path = check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        with os.fdopen(fd, mode) as f:
+            yield f
         _usual_permissions(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def write_json(path: str | os.PathLike, data: Any, overwrite: bool = True) -> Path:
+    """Write JSON atomically (a temporary file beside ``path``, then a rename)."""
+    with atomic_file(path, "w", overwrite) as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    return Path(path)
 
 
 @contextmanager

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import NullFormatter
 
-from staterank.io import _usual_permissions
+from staterank.io import atomic_file
 
 DPI = 120
 GROUP_COLOURS = {"low": "#0072B2", "high": "#D55E00"}
@@ -50,19 +49,10 @@ def _metric_label(metric: str) -> str:
 
 
 def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    """Save ``fig`` as PNG to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI)
-        _usual_permissions(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Save ``fig`` as PNG atomically."""
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=DPI)
+    return Path(path)
 
 
 def _heads(result: Mapping[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
