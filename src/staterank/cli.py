@@ -273,7 +273,9 @@ def _cmd_demo(args) -> int:
     def evaluate(model) -> dict[str, float]:
         scores = {}
         for data in corpora:
-            result = api.evaluate(model, data, seq_len=512, max_tokens=32768, device=args.device, seed=args.seed)
+            result = api.evaluate(
+                model, data, seq_len=512, max_tokens=32768, device=args.device, seed=args.seed, progress=False
+            )
             write_json(out / f"eval-{Path(str(model)).name}-{data}.json", result)
             scores[data] = result["ppl"]
         return scores
@@ -298,6 +300,7 @@ def _cmd_demo(args) -> int:
             seed=args.seed,
             device=args.device,
             overwrite=True,
+            progress=False,
         )
         print(
             f"d_k {report['head_k_dim_before']} -> {report['head_k_dim_after']}, state bytes per sequence "

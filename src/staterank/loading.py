@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -80,6 +81,8 @@ def prepare_runtime(model_type: str) -> None:
             f"model_type {model_type!r} is not supported; supported families: {supported_families()}"
         )
     if model_type in FLA_MODEL_TYPES:
+        # fla warns at import that Triton has no GPU here; staterank's CPU backend is the answer to that.
+        warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
         try:
             import fla  # noqa: F401  (registers the fla model classes with the Auto classes)
         except ImportError:
