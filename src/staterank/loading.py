@@ -76,13 +76,13 @@ def read_config(path: Path) -> dict:
 
 def prepare_runtime(model_type: str) -> None:
     """Make a family loadable and runnable here: register fla's classes, route CPU work to PyTorch."""
+    # fla warns at import that Triton has no GPU here; staterank's CPU backend is the answer to that.
+    warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
     if model_type not in ADAPTERS:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; supported families: {supported_families()}"
         )
     if model_type in FLA_MODEL_TYPES:
-        # fla warns at import that Triton has no GPU here; staterank's CPU backend is the answer to that.
-        warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
         try:
             import fla  # noqa: F401  (registers the fla model classes with the Auto classes)
         except ImportError:
