@@ -14,7 +14,7 @@ from staterank.cli import main
 from staterank.data import read_documents
 from staterank.loading import prepare_runtime
 from staterank.models import LayerShape, adapter_for
-from staterank.prune.heads import HeadProfile, get_head_criterion, heads_to_remove
+from staterank.prune.heads import HeadProfile, get_head_criterion, heads_to_remove, heads_to_remove_globally
 from staterank.tokenizer import train_tokenizer
 
 prepare_runtime("gated_deltanet")
@@ -113,3 +113,42 @@ def test_bad_input_writes_nothing(tokenizer, tmp_path, capsys):
         assert not out.exists()
     assert main(["prune", str(source), "--out", str(out), "--method", "jrnp", "--ratio", "0.5"]) == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_global_scope_takes_the_best_heads_model_wide():
+    shapes = {0: LayerShape(0, 3, 3, 8, 8), 1: LayerShape(1, 3, 3, 8, 8)}
+    scores = {0: torch.tensor([0.9, 0.8, 0.7]), 1: torch.tensor([0.1, 0.2, 0.6])}
+    # 4 of 6 heads: layer 0 may lose only 2 (one must stay), so the next best come from layer 1
+    assert heads_to_remove_globally(shapes, scores, 0.66) == {0: [0, 1], 1: [1, 2]}
+    grouped = {0: LayerShape(0, 2, 4, 8, 8)}
+    with pytest.raises(Exception, match="group"):
+        heads_to_remove_globally(grouped, {0: torch.zeros(4)}, 0.5)
+
+
+@pytest.mark.parametrize("model_type", ["delta_net", "gated_deltanet"])
+def test_global_scope_saves_a_model_that_auto_classes_load(model_type, tokenizer, tmp_path):
+    config = tiny_config(model_type, len(tokenizer))
+    if model_type == "gated_deltanet":
+        config.num_heads, config.num_v_heads = 4, 4  # one value head per key head, as the global scope needs
+    torch.manual_seed(0)
+    source = tmp_path / "source"
+    AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    report = api.prune(source, "heads-random", 0.5, tmp_path / "out", scope="global", seed=1, progress=False)
+    counts = {layer: len(heads) for layer, heads in report["removed"].items()}
+    assert sum(counts.values()) == round(0.5 * 12) and len(set(counts.values())) > 1 and max(counts.values()) < 4
+
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["model_type"] == f"staterank_{model_type}"
+    assert saved["staterank_layer_heads"] == {layer: [4 - n, 4 - n] for layer, n in counts.items()}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()  # registered by `import staterank`
+    reference = AutoModelForCausalLM.from_pretrained(source).eval()
+    adapter = adapter_for(reference)
+    for layer, heads in report["removed"].items():
+        shape, mixer = adapter.layer_shape(int(layer)), adapter.mixer(int(layer))
+        for head in heads:
+            mixer.o_proj.weight.data[:, head * shape.head_v_dim : (head + 1) * shape.head_v_dim] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids()).logits, reference(ids()).logits, atol=1e-5, rtol=1e-5)
+    assert [s.num_v_heads for s in adapter_for(reloaded).shapes()] == [4 - counts[str(i)] for i in range(3)]
+    assert report["state_bytes_after"] == adapter_for(reloaded).state_bytes_per_seq()

@@ -1,10 +1,14 @@
 """staterank: analyse how linear-attention LLMs use their recurrent state, and compress them on that basis.
 
-The public functions live in :mod:`staterank.api` and are re-exported here lazily, so that
-``import staterank`` (and ``staterank --help``) stays quick: torch and transformers load on first use.
+The public functions live in :mod:`staterank.api` and are re-exported here lazily. Importing the
+package registers the ``staterank_*`` model types (per-layer head counts) with transformers.
 """
 
 from staterank.errors import StaterankError
+from staterank.models.varheads import register_auto_classes
+
+# Models pruned with per-layer head counts load through AutoModelForCausalLM once staterank is imported.
+register_auto_classes()
 
 __version__ = "0.1.0"
 

@@ -18,7 +18,7 @@ from staterank.errors import ModelLoadError, UnsupportedModelError
 from staterank.models import ADAPTERS, ModelAdapter, adapter_for, supported_families
 
 BUNDLED = ("tiny-deltanet", "tiny-gated-deltanet")
-FLA_MODEL_TYPES = ("delta_net", "gated_deltanet")
+FLA_MODEL_TYPES = ("delta_net", "gated_deltanet", "staterank_delta_net", "staterank_gated_deltanet")
 
 
 @dataclass

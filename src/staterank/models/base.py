@@ -236,13 +236,15 @@ class ModelAdapter(ABC):
             self._keep_qk_channels(layer, index)
         self._set_head_k_dim(new_dim)
 
-    def remove_heads(self, remove: dict[int, list[int]]) -> None:
+    def remove_heads(self, remove: dict[int, list[int]], per_layer: bool = False) -> None:
         """Remove whole value heads (their state, and key heads left serving none).
 
         ``remove[layer]`` lists value-head indices. Every layer must end with the same head
-        layout, because the configuration holds one count; with grouped heads, every key head
-        that keeps any value head must keep the same number of them (the kernels assume equal
-        groups), and a key head that keeps none is removed with its q/k channels.
+        layout, because a stock configuration holds one count, unless ``per_layer`` (then the
+        caller describes the model with a per-layer config, see :mod:`staterank.models.varheads`);
+        with grouped heads, every key head that keeps any value head must keep the same number
+        of them (the kernels assume equal groups), and a key head that keeps none is removed with
+        its q/k channels.
         """
         layers = self.linear_layers()
         layouts = set()
@@ -267,7 +269,7 @@ class ModelAdapter(ABC):
             kept_k = sorted(per_group)
             layouts.add((len(kept_k), len(kept_v)))
             plans[layer] = (torch.tensor(kept_k), torch.tensor(kept_v))
-        if len(layouts) != 1:
+        if len(layouts) != 1 and not per_layer:
             raise PruningShapeError(
                 f"every layer must keep the same numbers of (key, value) heads, got {sorted(layouts)}; "
                 "remove the same number of heads in every layer"
@@ -275,8 +277,9 @@ class ModelAdapter(ABC):
         for layer, (kept_k, kept_v) in plans.items():
             if len(kept_v) < self.layer_shape(layer).num_v_heads:
                 self._keep_heads(layer, kept_k, kept_v)
-        num_k, num_v = layouts.pop()
-        self._set_head_counts(num_k, num_v)
+        if len(layouts) == 1:
+            num_k, num_v = layouts.pop()
+            self._set_head_counts(num_k, num_v)
 
     @abstractmethod
     def _keep_qk_channels(self, layer: int, index: torch.Tensor) -> None:

@@ -15,7 +15,7 @@ class DeltaNetAdapter(FlaAdapter):
     """Config: ``hidden_size``, ``num_heads``, ``expand_k``, ``expand_v`` (head_k_dim = hidden*expand_k/num_heads)."""
 
     family = "DeltaNet (flash-linear-attention)"
-    model_types = ("delta_net",)
+    model_types = ("delta_net", "staterank_delta_net")  # the second: per-layer head counts (models/varheads.py)
     layer_class_name = "DeltaNet"
 
     def layer_shape(self, layer: int) -> LayerShape:

@@ -20,7 +20,7 @@ class GatedDeltaNetAdapter(FlaAdapter):
     """Config: ``num_heads`` (key heads), ``num_v_heads``, ``head_dim`` (d_k), ``expand_v`` (d_v = d_k * expand_v)."""
 
     family = "Gated DeltaNet (flash-linear-attention)"
-    model_types = ("gated_deltanet",)
+    model_types = ("gated_deltanet", "staterank_gated_deltanet")  # the second: per-layer head counts
     layer_class_name = "GatedDeltaNet"
     state_v_first = True  # fla 0.6.0's GatedDeltaNet calls its kernels with state_v_first=True
 

@@ -31,6 +31,7 @@ __all__ = [
     "HeadPruningResult",
     "get_head_criterion",
     "heads_to_remove",
+    "heads_to_remove_globally",
     "prune_heads",
     "register",
 ]
@@ -86,6 +87,33 @@ def heads_to_remove(
     return removed
 
 
+def heads_to_remove_globally(
+    shapes: dict[int, LayerShape], scores: dict[int, torch.Tensor], ratio: float, remove_lowest: bool = False
+) -> dict[int, list[int]]:
+    """round(ratio * all heads) heads ranked over the whole model; every layer keeps at least one head."""
+    if not 0 <= ratio < 1:
+        raise HeadCriterionError(f"--ratio must be in [0, 1), got {ratio}")
+    grouped = [layer for layer, shape in shapes.items() if shape.group_size > 1]
+    if grouped:
+        raise HeadCriterionError(
+            f"--scope global needs one value head per key head; layers {grouped} group their value heads "
+            "(use --scope layer)"
+        )
+    candidates = [(float(score), layer, head) for layer, s in scores.items() for head, score in enumerate(s.tolist())]
+    candidates.sort(key=lambda c: c[0], reverse=not remove_lowest)  # stable: ties keep (layer, head) order
+    budget = round(ratio * len(candidates))
+    removed: dict[int, list[int]] = {layer: [] for layer in shapes}
+    for _, layer, head in candidates:
+        if budget == 0:
+            break
+        if len(removed[layer]) + 1 < shapes[layer].num_v_heads:  # never the last head of a layer
+            removed[layer].append(head)
+            budget -= 1
+    if budget:
+        raise HeadCriterionError(f"ratio {ratio} would remove every head of some layers")
+    return {layer: sorted(heads) for layer, heads in removed.items()}
+
+
 def profile_heads(
     loaded: LoadedModel,
     data: str,
@@ -123,13 +151,12 @@ def prune_heads(
 ) -> HeadPruningResult:
     """Remove the chosen heads of every linear-attention layer of ``loaded.model`` in place."""
     start = time.perf_counter()
-    if scope != "layer":
-        raise HeadCriterionError(
-            f"--scope {scope} is not supported yet: only 'layer' (the same number of heads removed in every layer)"
-        )
+    if scope not in ("layer", "global"):
+        raise HeadCriterionError(f"--scope must be 'layer' or 'global', got {scope!r}")
+    choose = heads_to_remove if scope == "layer" else heads_to_remove_globally
     adapter = loaded.adapter
     shapes = {shape.layer: shape for shape in adapter.shapes()}
-    heads_to_remove(shapes, {layer: torch.zeros(s.num_v_heads) for layer, s in shapes.items()}, ratio)  # validate
+    choose(shapes, {layer: torch.zeros(s.num_v_heads) for layer, s in shapes.items()}, ratio)  # validate first
     profile, tokens = None, 0
     if criterion.needs_profile:
         if data is None:
@@ -140,8 +167,18 @@ def prune_heads(
         order = [(layer, head) for layer, shape in shapes.items() for head in range(shape.num_v_heads)]
     flat = criterion.score(profile, len(order), torch.Generator().manual_seed(seed))
     scores = {layer: flat[[i for i, (owner, _) in enumerate(order) if owner == layer]] for layer in shapes}
-    removed = heads_to_remove(shapes, scores, ratio, criterion.remove_lowest)
-    adapter.remove_heads(removed)
+    removed = choose(shapes, scores, ratio, criterion.remove_lowest)
+    if scope == "layer":
+        adapter.remove_heads(removed)
+    else:
+        from staterank.models.varheads import to_per_layer_heads
+
+        adapter.remove_heads(removed, per_layer=True)
+        if len({(s.num_k_heads, s.num_v_heads) for s in adapter.shapes()}) > 1:
+            try:
+                to_per_layer_heads(loaded.model, adapter)
+            except ValueError as e:
+                raise HeadCriterionError(f"--scope global: {e}") from None
     return HeadPruningResult(
         removed=removed,
         scores={layer: s.tolist() for layer, s in scores.items()},
