@@ -89,9 +89,16 @@ def test_removed_heads_equal_masked_heads_and_reload(model_type, method, tokeniz
     with torch.no_grad():
         torch.testing.assert_close(pruned(ids()).logits, reference(ids()).logits, atol=1e-5, rtol=1e-5)
 
-    # State bytes: the removed value heads' states and their conv channels are gone.
+    # State bytes: the removed value heads' states and their conv channels are gone, and the cache holds that.
     pruned_adapter = api.load_model(tmp_path / "out").adapter
     assert report["state_bytes_after"] == pruned_adapter.state_bytes_per_seq()
+    with torch.no_grad():
+        cache = pruned_adapter.model(input_ids=ids()[:1], use_cache=True).past_key_values
+    for layer in pruned_adapter.linear_layers():
+        before, after = adapter.layer_shape(layer), pruned_adapter.layer_shape(layer)
+        state = pruned_adapter.cached_state(cache, layer)  # [1, Hv, d_k, d_v]
+        assert state.shape == (1, before.num_v_heads - len(report["removed"][str(layer)]), 8, 8)
+        assert state.nbytes == after.num_v_heads * after.head_k_dim * after.head_v_dim * 4
     shape = pruned_adapter.shapes()[0]
     assert shape.num_v_heads == adapter.shapes()[0].num_v_heads // 2
 
