@@ -11,7 +11,7 @@ from staterank.errors import StaterankError
 from staterank.io import check_output, output_dir, write_json
 from staterank.loading import LoadedModel, load
 
-TASKS = ("ppl",)
+TASKS = ("ppl", "ppl-by-position", "recall", "lm-eval:TASK[,TASK...]")
 
 
 def load_model(
@@ -43,31 +43,78 @@ def info(model: str | os.PathLike | LoadedModel, **load_options) -> dict:
     }
 
 
+def _parse_tasks(tasks: tuple[str, ...] | list[str]) -> tuple[list[str], list[str]]:
+    """Split task names into staterank's own and lm-eval's: ``["ppl", "lm-eval:arc_easy", "hellaswag"]``.
+
+    Names after ``lm-eval:`` that are not staterank tasks belong to lm-eval, so the comma-separated
+    ``--tasks ppl,lm-eval:arc_easy,hellaswag`` means what it says.
+    """
+    own, harness, in_harness = [], [], False
+    for task in (t for item in tasks for t in item.split(",") if t):
+        if task in TASKS[:3]:
+            own.append(task)
+            in_harness = False
+        elif task.startswith("lm-eval:"):
+            harness += [task.removeprefix("lm-eval:")] if task != "lm-eval:" else []
+            in_harness = True
+        elif in_harness:
+            harness.append(task)
+        else:
+            raise StaterankError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+    return own, harness
+
+
 def evaluate(
     model: str | os.PathLike | LoadedModel,
-    data: str,
+    data: str | None = None,
     tasks: tuple[str, ...] | list[str] = ("ppl",),
     seq_len: int = 512,
     max_tokens: int | None = None,
     batch_size: int = 8,
+    stride: int | None = None,
     seed: int = 0,
+    lm_eval_limit: int | None = None,
     progress: bool = True,
     **load_options,
 ) -> dict:
-    """Evaluate a model on ``data``; returns the JSON of DESIGN.md section 6 (keys for the tasks run)."""
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise StaterankError(f"unknown task(s) {unknown}; available: {', '.join(TASKS)}")
+    """Evaluate a model; returns the JSON of DESIGN.md section 6 (keys for the tasks run).
+
+    ``ppl``: perplexity of ``data`` over windows of ``seq_len`` (non-overlapping, or sliding by
+    ``stride``); ``ppl-by-position``: loss by position inside long windows; ``recall``: in-context
+    retrieval probe (no data needed); ``lm-eval:TASK[,TASK]``: lm-evaluation-harness, in-process.
+    """
+    own, harness = _parse_tasks(tasks)
     if seq_len < 2:
         raise StaterankError("--seq-len must be at least 2")
+    if stride is not None and not 0 < stride <= seq_len:
+        raise StaterankError(f"--stride must be in [1, --seq-len], got {stride}")
+    if data is None and ({"ppl", "ppl-by-position"} & set(own)):
+        raise StaterankError("the ppl tasks need --data")
     torch.manual_seed(seed)
     loaded = load_model(model, **load_options)
     result: dict = {"model": str(loaded.path), "data": data}
-    if "ppl" in tasks:
-        ppl = evaluation.perplexity(
-            loaded, data, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size, progress=progress
+    if "ppl" in own:
+        result.update(
+            evaluation.perplexity(
+                loaded,
+                data,
+                seq_len=seq_len,
+                max_tokens=max_tokens,
+                batch_size=batch_size,
+                stride=stride,
+                progress=progress,
+            )
         )
-        result.update(ppl)
+    if "ppl-by-position" in own:
+        result["by_position"] = evaluation.ppl_by_position(
+            loaded, data, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size
+        )
+    if "recall" in own:
+        result["recall"] = evaluation.recall(loaded, seed=seed, batch_size=batch_size)
+    if harness:
+        from staterank.lm_eval_bridge import run_lm_eval
+
+        result["lm_eval"] = run_lm_eval(loaded, harness, limit=lm_eval_limit, batch_size=batch_size)
     return result
 
 
