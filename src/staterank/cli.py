@@ -40,10 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     _common(p)
 
-    p = sub.add_parser("evaluate", help="perplexity of a model on a corpus")
+    p = sub.add_parser("evaluate", help="perplexity, loss by position, in-context recall, lm-eval tasks")
     p.add_argument("model")
-    p.add_argument("--data", required=True, help="corpus: file, directory, hf:NAME or a shipped name (wikitext-test)")
-    p.add_argument("--tasks", default="ppl", help="comma-separated tasks (default: ppl)")
+    p.add_argument("--data", help="corpus: file, directory, hf:NAME or a shipped name (wikitext-test)")
+    p.add_argument(
+        "--tasks",
+        default="ppl",
+        help="comma-separated: ppl, ppl-by-position, recall, lm-eval:TASK[,TASK] (default ppl)",
+    )
+    p.add_argument("--stride", type=int, help="ppl: sliding windows moving by this many tokens")
+    p.add_argument("--lm-eval-limit", type=int, help="lm-eval: at most this many examples per task")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default: 512)")
     p.add_argument("--max-tokens", type=int, help="read at most this many tokens of the corpus")
     p.add_argument("--batch-size", type=int, default=8)
@@ -100,6 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true")
     _model_options(p)
+    _common(p)
+
+    p = sub.add_parser("finetune", help="LoRA recovery of a pruned model, optionally distilled from the original")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="training corpus")
+    p.add_argument("--out", required=True, help="output model directory (LoRA merged into the weights)")
+    p.add_argument("--teacher", help="distil from this model (the unpruned original)")
+    p.add_argument("--kd-temp", type=float, default=2.0, help="distillation temperature (default: 2)")
+    p.add_argument("--kd-weight", type=float, default=0.5, help="weight of the distillation term (default: 0.5)")
+    p.add_argument("--lora-rank", type=int, default=32)
+    p.add_argument("--lora-alpha", type=float, default=64)
+    p.add_argument("--lora-targets", help="comma-separated module names (default: the q, k, v projections)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device")
     _common(p)
 
     p = sub.add_parser("train", help="pretrain a small model from a config (for studies and the bundled models)")
@@ -162,6 +189,8 @@ def _cmd_evaluate(args) -> int:
         args.model,
         args.data,
         tasks=tasks,
+        stride=args.stride,
+        lm_eval_limit=args.lm_eval_limit,
         seq_len=args.seq_len,
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
@@ -171,6 +200,9 @@ def _cmd_evaluate(args) -> int:
     )
     if "ppl" in result:
         print(f"perplexity {result['ppl']:.3f} over {result['tokens']:,} tokens of {args.data}")
+    for name in ("by_position", "recall", "lm_eval"):
+        if name in result:
+            print(f"{name}: {json.dumps(result[name])}")
     if args.out:
         write_json(args.out, result, overwrite=args.overwrite)
         print(f"wrote {args.out}")
@@ -257,6 +289,12 @@ def _cmd_prune(args) -> int:
     return 0
 
 
+def _cmd_finetune(args) -> int:
+    from staterank.finetune import finetune_from_cli
+
+    return finetune_from_cli(args)
+
+
 def _cmd_train(args) -> int:
     from staterank.train import train_from_cli
 
@@ -319,6 +357,7 @@ COMMANDS = {
     "analyze": _cmd_analyze,
     "evaluate": _cmd_evaluate,
     "prune": _cmd_prune,
+    "finetune": _cmd_finetune,
     "train": _cmd_train,
     "demo": _cmd_demo,
 }

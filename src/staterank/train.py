@@ -72,6 +72,25 @@ SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOG_EVERY = 10  # steps between reading the loss back from the device (each read waits for the GPU)
 
 
+def lr_at(step: int, lr: float, warmup_steps: int, steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup from lr/warmup to lr, then a cosine from lr down to min_lr_ratio * lr."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    done = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done)))
+
+
+def batch_at(sequences: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The batch of a step: epoch e visits the sequences in a permutation seeded by (seed, e).
+
+    Any step's batch is known without replaying the ones before it, which is what resume needs.
+    """
+    batches_per_epoch = sequences.shape[0] // batch_size  # the last partial batch of an epoch is dropped
+    epoch, index = divmod(step, batches_per_epoch)
+    order = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return sequences[order[index * batch_size : (index + 1) * batch_size]]
+
+
 def train(
     config: str | os.PathLike,
     data: str,
@@ -235,23 +254,6 @@ def train(
             torch.save(state, tmp / "state.pt")
             tokenizer.save_pretrained(tmp)
 
-    def batch_at(step: int) -> torch.Tensor:
-        # Epoch e visits the sequences in the order of a permutation seeded by (seed, e): the batch
-        # of any step is known without replaying the ones before it, which is what resume needs.
-        epoch, index = divmod(step, batches_per_epoch)
-        generator = torch.Generator().manual_seed(opts["seed"] * 1_000_003 + epoch)
-        order = torch.randperm(sequences.shape[0], generator=generator)
-        rows = order[index * opts["batch_size"] : (index + 1) * opts["batch_size"]]
-        return sequences[rows].to(device, non_blocking=True)
-
-    def lr_at(step: int) -> float:
-        # Linear warmup from lr/warmup to lr, then a cosine from lr down to min_lr_ratio * lr.
-        lr, warmup, total = opts["lr"], opts["warmup_steps"], opts["steps"]
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        done = (step - warmup) / max(1, total - warmup)
-        return lr * (opts["min_lr_ratio"] + (1 - opts["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * done)))
-
     def validate() -> None:
         loss = mean_loss(model, val_sequences, opts["batch_size"], autocast)
         val_history.append({"step": step, "tokens": tokens_seen, "loss": loss, "ppl": math.exp(loss)})
@@ -267,8 +269,8 @@ def train(
     while step < end:
         started = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        batch = batch_at(step)
+            group["lr"] = lr_at(step, opts["lr"], opts["warmup_steps"], opts["steps"], opts["min_lr_ratio"])
+        batch = batch_at(sequences, step, opts["batch_size"], opts["seed"]).to(device, non_blocking=True)
         with autocast:
             logits = model(input_ids=batch, use_cache=False).logits
         # Every token after the first of a sequence is predicted from the ones before it.
@@ -286,7 +288,7 @@ def train(
         if window_steps == LOG_EVERY or step == end:
             train_loss = window_loss.item() / window_steps
             rate = window_tokens / (time.perf_counter() - window_start)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr_at(step - 1):.2e}")
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{rate:,.0f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
             window_loss.zero_()
             window_steps, window_start, window_tokens = 0, time.perf_counter(), 0
         bar.update(1)
