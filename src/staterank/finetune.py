@@ -23,7 +23,6 @@ trainable weights, the optimizer and the random-number generators (LoRA dropout 
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,14 +34,22 @@ from tqdm.auto import tqdm
 
 from staterank.api import load_model, save_model
 from staterank.data import load_sequences
-from staterank.errors import DataError, OutputExistsError, StaterankError
+from staterank.errors import DataError, StaterankError
 from staterank.io import output_dir, write_json
 from staterank.loading import LoadedModel
 from staterank.models import ModelAdapter
 from staterank.models.fla_common import FlaAdapter
 from staterank.models.qwen3_5 import Qwen35Adapter
 from staterank.models.qwen3_next import Qwen3NextAdapter
-from staterank.train import ADAM_BETAS, LOG_EVERY, batch_at, lr_at
+from staterank.train import (
+    ADAM_BETAS,
+    LOG_EVERY,
+    batch_at,
+    checkpoint_dir_for,
+    lr_at,
+    restore_rng_state,
+    rng_state,
+)
 
 #: Options that define the trajectory of a run: a resume must not change them.
 RUN_DEFINING = (
@@ -154,15 +161,7 @@ def finetune(
     }  # fmt: skip
 
     out = Path(out)
-    checkpoint_dir = out / "checkpoint"
-    if resume:
-        if not (checkpoint_dir / "state.pt").is_file():
-            raise StaterankError(f"{out}: no checkpoint to resume from ({checkpoint_dir}/state.pt is missing)")
-    elif out.exists():
-        if not overwrite:
-            raise OutputExistsError(f"{out} exists; pass --overwrite to replace it, or --resume to continue it")
-        # The old OUT stays in place until the new model replaces it; only a stale checkpoint goes.
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    checkpoint_dir = checkpoint_dir_for(out, resume, overwrite)
 
     # -- models -------------------------------------------------------------------------------
     student = load_model(model, device=device)
@@ -210,9 +209,7 @@ def finetune(
         set_peft_model_state_dict(peft_model, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         step, tokens_seen, seconds, history = state["step"], state["tokens_seen"], state["seconds"], state["history"]
-        torch.set_rng_state(state["rng"]["cpu"])
-        if run_device.type == "cuda" and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], run_device)
+        restore_rng_state(state["rng"], run_device)
         print(f"resuming at step {step} of {steps}")
 
     def save_checkpoint() -> None:
@@ -225,10 +222,7 @@ def finetune(
             "history": history,
             "options": opts,
             "num_sequences": sequences.shape[0],  # the data position is the step; this guards the data
-            "rng": {
-                "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(run_device) if run_device.type == "cuda" else None,
-            },
+            "rng": rng_state(run_device),
         }
         with output_dir(checkpoint_dir, overwrite=True) as tmp:
             torch.save(state, tmp / "state.pt")

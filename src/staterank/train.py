@@ -72,6 +72,31 @@ SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 LOG_EVERY = 10  # steps between reading the loss back from the device (each read waits for the GPU)
 
 
+def checkpoint_dir_for(out: Path, resume: bool, overwrite: bool) -> Path:
+    """The checkpoint folder of a run writing OUT: it must exist to resume; OUT must not, unless overwritten."""
+    checkpoint_dir = out / "checkpoint"
+    if resume:
+        if not (checkpoint_dir / "state.pt").is_file():
+            raise StaterankError(f"{out}: no checkpoint to resume from ({checkpoint_dir}/state.pt is missing)")
+    elif out.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{out} exists; pass --overwrite to replace it, or --resume to continue it")
+        # The old OUT stays in place until the new model replaces it; only a stale checkpoint goes.
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return checkpoint_dir
+
+
+def rng_state(device: torch.device) -> dict:
+    """The random-number state a checkpoint keeps, so that a resumed run draws what the whole run would."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def lr_at(step: int, lr: float, warmup_steps: int, steps: int, min_lr_ratio: float) -> float:
     """Linear warmup from lr/warmup to lr, then a cosine from lr down to min_lr_ratio * lr."""
     if step < warmup_steps:
@@ -132,15 +157,7 @@ def train(
     prepare_runtime(model_type)  # refuses unknown families; registers fla's classes; CPU runs through PyTorch ops
 
     out = Path(out)
-    checkpoint_dir = out / "checkpoint"
-    if resume:
-        if not (checkpoint_dir / "state.pt").is_file():
-            raise StaterankError(f"{out}: no checkpoint to resume from ({checkpoint_dir}/state.pt is missing)")
-    elif out.exists():
-        if not overwrite:
-            raise OutputExistsError(f"{out} exists; pass --overwrite to replace it, or --resume to continue it")
-        # The old OUT stays in place until the new model replaces it; only a stale checkpoint goes.
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    checkpoint_dir = checkpoint_dir_for(out, resume, overwrite)
 
     device = torch.device(opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     # Mixed precision on GPU: float32 master weights and optimizer, bf16 matrix products.
@@ -230,9 +247,7 @@ def train(
         step, tokens_seen, seconds, val_history = (
             state["step"], state["tokens_seen"], state["seconds"], state["val_history"]
         )  # fmt: skip
-        torch.set_rng_state(state["rng"]["cpu"])
-        if device.type == "cuda" and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        restore_rng_state(state["rng"], device)
         print(f"resuming at step {step} of {opts['steps']}")
 
     def save_checkpoint() -> None:
@@ -245,10 +260,7 @@ def train(
             "val_history": val_history,
             "options": opts,
             "num_sequences": sequences.shape[0],  # the data position is the step; this guards the data
-            "rng": {
-                "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            },
+            "rng": rng_state(device),
         }
         with output_dir(checkpoint_dir, overwrite=True) as tmp:
             torch.save(state, tmp / "state.pt")
