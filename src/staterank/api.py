@@ -282,3 +282,86 @@ def analyze(
             spearman=result.cross_domain_spearman,
         )
     return result.json
+
+
+def _from_config(path: str | os.PathLike, device: str | None, dtype: torch.dtype | None) -> LoadedModel:
+    """A randomly initialised model of a config (a config.json or a model directory): shapes without weights."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from staterank.errors import ModelLoadError
+    from staterank.loading import default_device, prepare_runtime, read_config
+    from staterank.models import adapter_for
+
+    path = Path(path)
+    if path.is_dir():
+        fields = read_config(path)
+    elif path.is_file():
+        try:
+            fields = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{path}: not a readable JSON config ({e})") from None
+    else:
+        raise ModelLoadError(f"{path}: no such config file or model directory")
+    if "model_type" not in fields:
+        raise ModelLoadError(f"{path}: the config has no model_type")
+    prepare_runtime(fields["model_type"])
+    run_device = torch.device(device) if device else default_device()
+    dtype = dtype or (torch.bfloat16 if run_device.type == "cuda" else torch.float32)
+    config = AutoConfig.for_model(**fields)
+    with run_device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return LoadedModel(model, None, adapter_for(model), path)
+
+
+def bench(
+    models: list[str | os.PathLike],
+    out: str | os.PathLike | None = None,
+    from_config: bool = False,
+    batch_size: int = 8,
+    seq_len: int = 2048,
+    decode_batch_sizes: tuple[int, ...] = (1, 64),
+    decode_steps: int = 32,
+    warmup: int = 1,
+    repeats: int = 5,
+    memory_budget_gib: float | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Benchmark MODELs side by side (see :mod:`staterank.bench`); with ``from_config`` they are configs."""
+    from staterank.bench import BenchError
+    from staterank.bench import bench as run_bench
+
+    if out is not None:
+        check_output(out, overwrite)
+    if batch_size < 1 or seq_len < 1 or repeats < 1 or warmup < 0 or decode_steps < 1:
+        raise BenchError("--batch-size, --seq-len, --repeats and decode steps must be positive, --warmup >= 0")
+    torch_dtype = None
+    if dtype is not None:
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+        if torch_dtype is None:
+            raise BenchError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    loaded = [
+        _from_config(m, device, torch_dtype) if from_config else load_model(m, device=device, dtype=torch_dtype)
+        for m in models
+    ]
+    budget = int(memory_budget_gib * 2**30) if memory_budget_gib is not None else None
+    result = run_bench(
+        loaded,
+        [str(m) for m in models],
+        batch_size=batch_size,
+        seq_len=seq_len,
+        decode_batch_sizes=tuple(decode_batch_sizes),
+        decode_steps=decode_steps,
+        warmup=warmup,
+        repeats=repeats,
+        memory_budget_bytes=budget,
+        seed=seed,
+    )
+    if out is not None:
+        write_json(out, result, overwrite=overwrite)
+    return result

@@ -129,6 +129,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     _common(p)
 
+    p = sub.add_parser("bench", help="side-by-side prefill and decode speed, memory and state bytes")
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--from-config", action="store_true", help="MODELs are configs: random weights, published shapes")
+    p.add_argument("--batch-size", type=int, default=8, help="prefill batch (default: 8)")
+    p.add_argument("--seq-len", type=int, default=2048, help="prefill tokens per sequence (default: 2048)")
+    p.add_argument(
+        "--decode-batch-sizes",
+        type=lambda text: [int(b) for b in text.split(",")],
+        default=[1, 64],
+        help="comma-separated (default: 1,64)",
+    )
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--memory-budget-gib", type=float, help="report the largest batch whose states fit beside the weights"
+    )
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device")
+    _common(p)
+
     p = sub.add_parser("train", help="pretrain a small model from a config (for studies and the bundled models)")
     p.add_argument("config", help="JSON file: a model config plus an optional 'train' section")
     p.add_argument("--data", required=True, help="training corpus")
@@ -295,6 +318,42 @@ def _cmd_finetune(args) -> int:
     return finetune_from_cli(args)
 
 
+def _cmd_bench(args) -> int:
+    from staterank import api
+
+    result = api.bench(
+        args.models,
+        args.out,
+        from_config=args.from_config,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        decode_batch_sizes=tuple(args.decode_batch_sizes),
+        decode_steps=args.decode_steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        memory_budget_gib=args.memory_budget_gib,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+        seed=args.seed,
+    )
+    sizes = list(result["models"][0]["decode_ms_per_token"])
+    print(f"{result['device']}, {result['dtype']}, prefill {result['batch_size']} x {result['seq_len']}, eager decode")
+    print(
+        f"{'model':<40} {'prefill tok/s':>14} "
+        + " ".join(f"{f'ms/tok b={b}':>12}" for b in sizes)
+        + f" {'state B/seq':>12}"
+    )
+    for row in result["models"]:
+        decode = " ".join(f"{row['decode_ms_per_token'][b]:>12.2f}" for b in sizes)
+        print(
+            f"{row['name'][-40:]:<40} {row['prefill_tokens_per_s']:>14,.0f} {decode} {row['state_bytes_per_seq']:>12,}"
+        )
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_train(args) -> int:
     from staterank.train import train_from_cli
 
@@ -358,6 +417,7 @@ COMMANDS = {
     "evaluate": _cmd_evaluate,
     "prune": _cmd_prune,
     "finetune": _cmd_finetune,
+    "bench": _cmd_bench,
     "train": _cmd_train,
     "demo": _cmd_demo,
 }

@@ -1,0 +1,57 @@
+"""staterank bench: side-by-side numbers, the JSON contract, random-weight configs, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from reference import tiny_config
+
+from staterank import api
+from staterank.cli import main
+from staterank.loading import prepare_runtime
+
+prepare_runtime("delta_net")
+
+
+def test_bench_from_configs_side_by_side(tmp_path, capsys):
+    small, large = tmp_path / "small.json", tmp_path / "large.json"
+    config = tiny_config("delta_net", 64)
+    large.write_text(json.dumps(config.to_dict()))
+    config.expand_k = 0.5  # half the key dim: d_k 8 -> 4
+    small.write_text(json.dumps(config.to_dict()))
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(large), str(small), "--from-config", "--batch-size", "2", "--seq-len", "32",
+            "--decode-batch-sizes", "1,2", "--decode-steps", "2", "--repeats", "2", "--memory-budget-gib", "0.01",
+            "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and [m["name"] for m in result["models"]] == [str(large), str(small)]
+    first, second = result["models"]
+    # fp32 states [4 heads, d_k, 8] and conv caches (2 * 4 * d_k + 4 * 8 channels, 4 columns), 3 layers
+    assert first["state_bytes_per_seq"] == 3 * (4 * 8 * 8 * 4 + (2 * 32 + 32) * 4 * 4)
+    assert second["state_bytes_per_seq"] == 3 * (4 * 4 * 8 * 4 + (2 * 16 + 32) * 4 * 4)
+    speedup = result["speedup"][str(small)]
+    assert speedup["state_bytes"] == first["state_bytes_per_seq"] / second["state_bytes_per_seq"]
+    for row in result["models"]:
+        assert row["prefill_tokens_per_s"] > 0 and set(row["decode_ms_per_token"]) == {"1", "2"}
+        assert row["max_batch_in_budget"] == (int(0.01 * 2**30) - row["weight_bytes"]) // row["state_bytes_per_seq"]
+    assert "prefill tok/s" in capsys.readouterr().out
+
+
+def test_bench_refuses_different_vocabularies(tmp_path, capsys):
+    paths = []
+    for vocab in (64, 80):
+        path = tmp_path / f"v{vocab}.json"
+        path.write_text(json.dumps(tiny_config("delta_net", vocab).to_dict()))
+        paths.append(str(path))
+    assert main(["bench", *paths, "--from-config", "--seq-len", "8", "--repeats", "1"]) == 2
+    assert "different vocabularies" in capsys.readouterr().err
+
+
+def test_bench_api_on_a_loaded_model_directory(tmp_path):
+    torch.manual_seed(0)
+    result = api.bench(["tiny-deltanet"], batch_size=1, seq_len=16, decode_batch_sizes=(1,), decode_steps=2,
+                       repeats=1, warmup=0)
+    assert result["models"][0]["state_bytes_per_seq"] == api.info("tiny-deltanet")["state_bytes_per_seq"]
+    assert result["speedup"] == {}
