@@ -362,6 +362,7 @@ def _cmd_train(args) -> int:
 
 def _cmd_demo(args) -> int:
     from staterank import api
+    from staterank.finetune import finetune
     from staterank.io import write_json
 
     out = Path(args.out)
@@ -381,8 +382,23 @@ def _cmd_demo(args) -> int:
     info = api.info(args.model, device=args.device)
     _print_info(info)
     write_json(out / "info.json", info)
+    print("== analyze: state ranks of every head (techdocs-val against wikitext-2)")
+    ranks = api.analyze(
+        args.model,
+        list(corpora),
+        out / "analysis",
+        samples=2,
+        seq_len=1024,
+        seed=args.seed,
+        device=args.device,
+        overwrite=True,
+        progress=False,
+    )
+    strat = ranks["stratification"]
+    print(f"{strat['low']} low-rank and {strat['high']} high-rank heads; plots in {out / 'analysis'}/")
     print("== evaluate: perplexity before pruning")
     table = {"original": evaluate(args.model)}
+    pruned_models = [args.model]
     for method in ("rrqr", "l1"):
         pruned = out / f"{method}-50"
         print(f"== prune: {method}, half of the q/k channels of every head")
@@ -404,10 +420,47 @@ def _cmd_demo(args) -> int:
             f"{report['state_bytes_before']:,} -> {report['state_bytes_after']:,}"
         )
         table[f"{method} 50%"] = evaluate(pruned)
-    print(f"\n{'perplexity':<12}" + "".join(f"{data:>16}" for data in corpora))
+        print(f"== finetune: short LoRA recovery of the {method} model")
+        recovered = out / f"{method}-50-lora"
+        finetune(
+            pruned,
+            "techdocs",
+            recovered,
+            steps=40,
+            batch_size=4,
+            seq_len=512,
+            lr=1e-3,
+            warmup_steps=5,
+            seed=args.seed,
+            device=args.device,
+            overwrite=True,
+            progress=False,
+        )
+        table[f"{method} + LoRA"] = evaluate(recovered)
+        pruned_models.append(str(recovered))
+    print("== bench: original against the recovered models")
+    speed = api.bench(
+        pruned_models,
+        out / "bench.json",
+        batch_size=4,
+        seq_len=512,
+        decode_batch_sizes=(1, 16),
+        decode_steps=16,
+        repeats=3,
+        device=args.device,
+        overwrite=True,
+        seed=args.seed,
+    )
+    print(f"\n{'perplexity':<14}" + "".join(f"{data:>16}" for data in corpora))
     for name, scores in table.items():
-        print(f"{name:<12}" + "".join(f"{scores[data]:>16.2f}" for data in corpora))
-    print(f"\nresults in {out}/ (no recovery fine-tuning yet: pruned perplexities are before any LoRA)")
+        print(f"{name:<14}" + "".join(f"{scores[data]:>16.2f}" for data in corpora))
+    print(f"\n{'model':<14} {'prefill tok/s':>14} {'ms/token b=16':>14} {'state B/seq':>12}")
+    for name, row in zip(("original", "rrqr + LoRA", "l1 + LoRA"), speed["models"], strict=True):
+        print(
+            f"{name:<14} {row['prefill_tokens_per_s']:>14,.0f} {row['decode_ms_per_token']['16']:>14.2f} "
+            f"{row['state_bytes_per_seq']:>12,}"
+        )
+    print(f"\nresults in {out}/")
     return 0
 
 
