@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     _common(p)
 
+    p = sub.add_parser("report", help="report.html and report.md from whatever a run directory holds")
+    p.add_argument("run_dir", metavar="RUNDIR")
+    _common(p)
+
     p = sub.add_parser("train", help="pretrain a small model from a config (for studies and the bundled models)")
     p.add_argument("config", help="JSON file: a model config plus an optional 'train' section")
     p.add_argument("--data", required=True, help="training corpus")
@@ -354,6 +358,14 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from staterank.report import write_report
+
+    markdown, page = write_report(args.run_dir)
+    print(f"wrote {page} and {markdown}")
+    return 0
+
+
 def _cmd_train(args) -> int:
     from staterank.train import train_from_cli
 
@@ -460,7 +472,10 @@ def _cmd_demo(args) -> int:
             f"{name:<14} {row['prefill_tokens_per_s']:>14,.0f} {row['decode_ms_per_token']['16']:>14.2f} "
             f"{row['state_bytes_per_seq']:>12,}"
         )
-    print(f"\nresults in {out}/")
+    from staterank.report import write_report
+
+    _, page = write_report(out)
+    print(f"\nresults in {out}/; the report: {page}")
     return 0
 
 
@@ -471,6 +486,7 @@ COMMANDS = {
     "prune": _cmd_prune,
     "finetune": _cmd_finetune,
     "bench": _cmd_bench,
+    "report": _cmd_report,
     "train": _cmd_train,
     "demo": _cmd_demo,
 }

@@ -1,0 +1,210 @@
+"""One report of a run directory: report.md and a self-contained report.html (images embedded).
+
+It shows whatever the directory holds: model info (info.json), the state-rank analysis
+(any folder with rank.json and its plots), pruning configurations (folders with pruning.json),
+perplexities (eval-*.json, drawn as a bar chart) and the bench table (bench.json).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from staterank.errors import StaterankError
+from staterank.io import atomic_file
+
+
+class ReportError(StaterankError):
+    """A run directory with nothing to report."""
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _perplexity_chart(evals: dict[str, dict[str, float]]) -> bytes:
+    """Grouped bars: one group per model, one bar per corpus."""
+    corpora = sorted({data for scores in evals.values() for data in scores})
+    fig = Figure(figsize=(max(6, 1.3 * len(evals)), 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(corpora))
+    for c, data in enumerate(corpora):
+        xs = [m + c * width for m in range(len(evals))]
+        ax.bar(xs, [scores.get(data, 0) for scores in evals.values()], width, label=data)
+    ax.set_xticks([m + width * (len(corpora) - 1) / 2 for m in range(len(evals))], list(evals), rotation=20)
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title("Perplexity before pruning, after pruning and after recovery")
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def collect(run_dir: Path) -> dict:
+    """Everything reportable in a run directory (raises ReportError when there is nothing)."""
+    found: dict = {"info": None, "analyses": [], "pruning": [], "evals": {}, "bench": None}
+    if (run_dir / "info.json").is_file():
+        found["info"] = _read(run_dir / "info.json")
+    for rank in sorted(run_dir.rglob("rank.json")):
+        images = sorted(rank.parent.glob("*.png"))
+        found["analyses"].append({"dir": rank.parent, "rank": _read(rank), "images": images})
+    for pruning in sorted(run_dir.rglob("pruning.json")):
+        found["pruning"].append({"name": pruning.parent.name, "report": _read(pruning)})
+    for path in sorted(run_dir.glob("eval-*.json")):
+        result = _read(path)
+        if "ppl" not in result:
+            continue
+        stem = path.stem.removeprefix("eval-")
+        data = result.get("data") or "data"
+        model = stem[: -len(data) - 1] if stem.endswith(f"-{data}") else stem
+        found["evals"].setdefault(model, {})[data] = result["ppl"]
+    if (run_dir / "bench.json").is_file():
+        found["bench"] = _read(run_dir / "bench.json")
+    if not any([found["info"], found["analyses"], found["pruning"], found["evals"], found["bench"]]):
+        raise ReportError(
+            f"{run_dir}: nothing to report (no info.json, rank.json, pruning.json, eval-*.json or bench.json)"
+        )
+    return found
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """Write RUN_DIR/report.md (images referenced beside it) and RUN_DIR/report.html (images embedded)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: not a directory")
+    found = collect(run_dir)
+    sections: list[tuple[str, list[tuple[str, object]]]] = []  # (title, [(kind, payload)])
+
+    if found["info"]:
+        info = found["info"]
+        rows = [
+            [str(layer[k]) for k in ("layer", "num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim")]
+            for layer in info["layers"]
+        ]
+        sections.append(
+            (
+                "Model",
+                [
+                    (
+                        "text",
+                        f"{info['path']}: {info['family']}, {info['params']:,} parameters, "
+                        f"{info['state_bytes_per_seq']:,} state bytes per sequence",
+                    ),
+                    ("table", (["layer", "key heads", "value heads", "d_k", "d_v"], rows)),
+                ],
+            )
+        )
+    for analysis in found["analyses"]:
+        strat = analysis["rank"]["stratification"]
+        rho = analysis["rank"]["stability"].get("across_samples_spearman")
+        summary = (
+            f"{strat['low']} low-rank and {strat['high']} high-rank heads (gap {strat['gap']:.3f} of capacity), "
+            f"Spearman correlation of head ranks across samples {rho}"
+        )
+        items: list[tuple[str, object]] = [("text", summary)]
+        items += [("image", image) for image in analysis["images"]]
+        sections.append((f"State ranks ({analysis['dir'].relative_to(run_dir)})", items))
+    if found["pruning"]:
+        rows = []
+        for entry in found["pruning"]:
+            report = entry["report"]
+            change = (
+                f"d_k {report['head_k_dim_before']} -> {report['head_k_dim_after']}"
+                if "kept" in report
+                else f"{sum(len(h) for h in report['removed'].values())} heads removed"
+            )
+            rows.append(
+                [
+                    entry["name"],
+                    report["method"],
+                    str(report["ratio"]),
+                    change,
+                    f"{report['state_bytes_before']:,} -> {report['state_bytes_after']:,}",
+                ]
+            )
+        sections.append(("Pruning", [("table", (["model", "method", "ratio", "change", "state bytes"], rows))]))
+    if found["evals"]:
+        corpora = sorted({d for scores in found["evals"].values() for d in scores})
+        rows = [
+            [model] + [f"{scores[d]:.2f}" if d in scores else "" for d in corpora]
+            for model, scores in found["evals"].items()
+        ]
+        chart = run_dir / "perplexity.png"
+        with atomic_file(chart, "wb") as f:
+            f.write(_perplexity_chart(found["evals"]))
+        sections.append(("Perplexity", [("table", (["model", *corpora], rows)), ("image", chart)]))
+    if found["bench"]:
+        bench = found["bench"]
+        sizes = list(bench["models"][0]["decode_ms_per_token"])
+        rows = [
+            [
+                row["name"],
+                f"{row['prefill_tokens_per_s']:,.0f}",
+                *[f"{row['decode_ms_per_token'][b]:.2f}" for b in sizes],
+                f"{row['state_bytes_per_seq']:,}",
+            ]
+            for row in bench["models"]
+        ]
+        sections.append(
+            (
+                f"Speed ({bench['device']}, {bench['dtype']}, {bench['decode_mode']} decode)",
+                [
+                    (
+                        "table",
+                        (["model", "prefill tok/s", *[f"ms/token b={b}" for b in sizes], "state bytes/seq"], rows),
+                    ),
+                ],
+            )
+        )
+
+    markdown = [f"# staterank report: {run_dir.name}", ""]
+    page = [f"<h1>staterank report: {html.escape(run_dir.name)}</h1>"]
+    for title, items in sections:
+        markdown += [f"## {title}", ""]
+        page.append(f"<h2>{html.escape(title)}</h2>")
+        for kind, payload in items:
+            if kind == "text":
+                markdown += [str(payload), ""]
+                page.append(f"<p>{html.escape(str(payload))}</p>")
+            elif kind == "table":
+                header, rows = payload
+                markdown += [_markdown_table(header, rows), ""]
+                page.append(_html_table(header, rows))
+            else:
+                image = Path(payload)
+                markdown += [f"![{image.stem}]({image.relative_to(run_dir).as_posix()})", ""]
+                data = base64.b64encode(image.read_bytes()).decode()
+                page.append(f'<img alt="{html.escape(image.stem)}" src="data:image/png;base64,{data}">')
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "th{background:#f4f4f4}img{max-width:100%;display:block;margin:1em 0}"
+    )
+    document = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>staterank report</title>"
+        f"<style>{style}</style></head><body>{''.join(page)}</body></html>"
+    )
+    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    with atomic_file(md_path) as f:
+        f.write("\n".join(markdown))
+    with atomic_file(html_path) as f:
+        f.write(document)
+    return md_path, html_path

@@ -1,0 +1,62 @@
+"""staterank report: a self-contained HTML page and a Markdown file from a run directory."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from staterank.cli import main
+from staterank.report import write_report
+
+
+def fake_run(run_dir):
+    (run_dir / "analysis").mkdir(parents=True)
+    png = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    )
+    (run_dir / "analysis" / "rank_heatmap.png").write_bytes(png)
+    (run_dir / "analysis" / "rank.json").write_text(json.dumps({
+        "stratification": {"low": 3, "high": 5, "gap": 0.25}, "stability": {"across_samples_spearman": 0.9}}))
+    (run_dir / "eval-tiny-techdocs-val.json").write_text(json.dumps({"data": "techdocs-val", "ppl": 16.2}))
+    (run_dir / "eval-tiny-pruned-techdocs-val.json").write_text(json.dumps({"data": "techdocs-val", "ppl": 19.4}))
+    (run_dir / "bench.json").write_text(json.dumps({
+        "device": "cpu", "dtype": "float32", "decode_mode": "eager",
+        "models": [{"name": "tiny", "prefill_tokens_per_s": 1000.0, "decode_ms_per_token": {"1": 2.0},
+                    "state_bytes_per_seq": 100}]}))
+
+
+def test_report_embeds_every_image_and_references_existing_files(tmp_path):
+    fake_run(tmp_path)
+    markdown, page = write_report(tmp_path)
+    text = page.read_text()
+    assert "<h2>Perplexity</h2>" in text and "16.20" in text and "19.40" in text and "1,000" in text
+    images = re.findall(r'<img[^>]*src="([^"]+)"', text)
+    assert len(images) == 2 and all(src.startswith("data:image/png;base64,") for src in images)  # self-contained
+    for src in images:
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
+    for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown.read_text()):
+        assert (tmp_path / target).is_file()
+
+
+def test_nothing_to_report(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "nothing to report" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium")
+def test_report_renders_in_headless_chromium(tmp_path):
+    fake_run(tmp_path)
+    _, page = write_report(tmp_path)
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         f"--screenshot={shot}", "--window-size=1000,1400", page.as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 5000
