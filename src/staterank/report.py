@@ -117,7 +117,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         rho = analysis["rank"]["stability"].get("across_samples_spearman")
         summary = (
             f"{strat['low']} low-rank and {strat['high']} high-rank heads (gap {strat['gap']:.3f} of capacity), "
-            f"Spearman correlation of head ranks across samples {rho}"
+            f"Spearman correlation of head ranks across samples {'n/a' if rho is None else f'{rho:.3f}'}"
         )
         items: list[tuple[str, object]] = [("text", summary)]
         items += [("image", image) for image in analysis["images"]]
