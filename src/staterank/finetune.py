@@ -46,6 +46,7 @@ from staterank.train import (
     LOG_EVERY,
     batch_at,
     checkpoint_dir_for,
+    load_checkpoint,
     lr_at,
     restore_rng_state,
     rng_state,
@@ -199,13 +200,7 @@ def finetune(
     optimizer = torch.optim.AdamW(trainable, lr=lr, betas=ADAM_BETAS, weight_decay=0.0)
     step, tokens_seen, seconds, history = 0, 0, 0.0, []
     if resume:
-        state = torch.load(checkpoint_dir / "state.pt", map_location="cpu", weights_only=True)
-        changed = [k for k in RUN_DEFINING if state["options"][k] != opts[k]]
-        if changed:
-            was = ", ".join(f"{k}={state['options'][k]!r} (now {opts[k]!r})" for k in changed)
-            raise StaterankError(f"{out}: cannot resume with different options: the checkpoint has {was}")
-        if state["num_sequences"] != sequences.shape[0]:
-            raise StaterankError(f"{out}: the training data differs from the checkpoint's")
+        state = load_checkpoint(checkpoint_dir, out, opts, RUN_DEFINING, sequences.shape[0])
         set_peft_model_state_dict(peft_model, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         step, tokens_seen, seconds, history = state["step"], state["tokens_seen"], state["seconds"], state["history"]

@@ -86,6 +86,20 @@ def checkpoint_dir_for(out: Path, resume: bool, overwrite: bool) -> Path:
     return checkpoint_dir
 
 
+def load_checkpoint(
+    checkpoint_dir: Path, out: Path, opts: dict, run_defining: tuple[str, ...], num_sequences: int
+) -> dict:
+    """The checkpoint's state, after checking that the run it continues is this one."""
+    state = torch.load(checkpoint_dir / "state.pt", map_location="cpu", weights_only=True)
+    changed = [k for k in run_defining if state["options"][k] != opts[k]]
+    if changed:
+        was = ", ".join(f"{k}={state['options'][k]!r} (now {opts[k]!r})" for k in changed)
+        raise StaterankError(f"{out}: cannot resume with different options: the checkpoint has {was}")
+    if state["num_sequences"] != num_sequences:
+        raise StaterankError(f"{out}: the training data differs from the checkpoint's")
+    return state
+
+
 def rng_state(device: torch.device) -> dict:
     """The random-number state a checkpoint keeps, so that a resumed run draws what the whole run would."""
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
@@ -235,13 +249,7 @@ def train(
     # -- state, or the checkpoint's -----------------------------------------------------------
     step, tokens_seen, seconds, val_history = 0, 0, 0.0, []
     if resume:
-        state = torch.load(checkpoint_dir / "state.pt", map_location="cpu", weights_only=True)
-        changed = [k for k in RUN_DEFINING if state["options"][k] != opts[k]]
-        if changed:
-            was = ", ".join(f"{k}={state['options'][k]!r} (now {opts[k]!r})" for k in changed)
-            raise StaterankError(f"{out}: cannot resume with different options: the checkpoint has {was}")
-        if state["num_sequences"] != sequences.shape[0]:
-            raise StaterankError(f"{out}: the training data differs from the checkpoint's")
+        state = load_checkpoint(checkpoint_dir, out, opts, RUN_DEFINING, sequences.shape[0])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, tokens_seen, seconds, val_history = (
