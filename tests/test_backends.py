@@ -352,3 +352,34 @@ def test_install_is_idempotent_and_keeps_fla_originals():
     assert is_installed()
     assert gdn_layer.chunk_gated_delta_rule is patched
     assert patched.__staterank_original__ is fla_chunk_gated_delta_rule
+
+
+def test_torch_kernels_switch_routes_non_cpu_calls():
+    """Off-CPU calls go to fla unless the switch names them."""
+    from staterank.backends import patch
+
+    calls = []
+
+    def original(x):
+        calls.append('fla')
+
+    def torch_impl(x):
+        calls.append('torch')
+
+    rule = patch._device_dispatcher(original, torch_impl, 'chunk_delta_rule')
+    norm = patch._device_dispatcher(original, torch_impl, 'forward')
+    off_cpu = torch.empty(2, device='meta')
+    try:
+        rule(off_cpu)
+        patch.use_torch_kernels('delta_rule')
+        assert patch.torch_kernels() == 'delta_rule'
+        norm(off_cpu)
+        rule(off_cpu)
+        patch.use_torch_kernels('all')
+        norm(off_cpu)
+        rule(torch.empty(2))  # CPU tensors always take the PyTorch path
+    finally:
+        patch.use_torch_kernels('none')
+    assert calls == ['fla', 'fla', 'torch', 'torch', 'torch']
+    with pytest.raises(ValueError, match='one of none, delta_rule, all'):
+        patch.use_torch_kernels('triton')

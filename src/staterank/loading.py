@@ -92,7 +92,10 @@ def prepare_runtime(model_type: str) -> None:
     from staterank import backends
     from staterank.backends.hf_fallbacks import use_torch_fallbacks_on_cpu
 
-    backends.install()
+    try:
+        backends.install()
+    except ValueError as error:  # a bad STATERANK_TORCH_KERNELS
+        raise ModelLoadError(f"STATERANK_TORCH_KERNELS: {error}") from None
     use_torch_fallbacks_on_cpu()
 
 

@@ -17,7 +17,7 @@ from staterank.backends.delta_rule import (
     l2_norm,
 )
 from staterank.backends.norm import rms_norm, rms_norm_gated
-from staterank.backends.patch import install, is_installed
+from staterank.backends.patch import install, is_installed, torch_kernels, use_torch_kernels
 
 __all__ = [
     'causal_conv1d',
@@ -30,4 +30,6 @@ __all__ = [
     'l2_norm',
     'rms_norm',
     'rms_norm_gated',
+    'torch_kernels',
+    'use_torch_kernels',
 ]

@@ -8,9 +8,11 @@ using the Triton kernels.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +49,39 @@ _PATCHES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
 
 _ORIGINAL = '__staterank_original__'
 
+# Which patched operations take the PyTorch implementation on every device, not only on CPU.
+# "delta_rule": the (gated) delta rule kernels, e.g. where fla's Triton backward is known to be wrong
+# (Gated DeltaNet on Hopper with Triton < 3.7.1, fla issue #640) or where compiling a kernel for every
+# new head dimension costs more than the run. "all": every patched operation.
+TORCH_KERNEL_CHOICES = ('none', 'delta_rule', 'all')
+_DELTA_RULE_ATTRIBUTES = frozenset(
+    ('chunk_delta_rule', 'fused_recurrent_delta_rule', 'chunk_gated_delta_rule', 'fused_recurrent_gated_delta_rule')
+)
+_torch_everywhere: frozenset[str] = frozenset()
+
+
+def use_torch_kernels(choice: str) -> None:
+    """Route patched operations to PyTorch on every device: ``'none'``, ``'delta_rule'`` or ``'all'``.
+
+    The environment variable ``STATERANK_TORCH_KERNELS`` sets the same choice for a whole process.
+    """
+    global _torch_everywhere
+    if choice not in TORCH_KERNEL_CHOICES:
+        raise ValueError(f'torch kernels must be one of {", ".join(TORCH_KERNEL_CHOICES)}, not {choice!r}')
+    if choice == 'none':
+        _torch_everywhere = frozenset()
+    elif choice == 'delta_rule':
+        _torch_everywhere = _DELTA_RULE_ATTRIBUTES
+    else:
+        _torch_everywhere = frozenset(attribute for _, attribute, _ in _PATCHES)
+
+
+def torch_kernels() -> str:
+    """The current choice of :func:`use_torch_kernels`."""
+    if not _torch_everywhere:
+        return 'none'
+    return 'delta_rule' if _torch_everywhere == _DELTA_RULE_ATTRIBUTES else 'all'
+
 
 def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
     for value in (*args, *kwargs.values()):
@@ -55,12 +90,23 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
     return None
 
 
-def _device_dispatcher(original: Callable[..., Any], cpu_impl: Callable[..., Any]) -> Callable[..., Any]:
+def _device_dispatcher(
+    original: Callable[..., Any], cpu_impl: Callable[..., Any], attribute: str
+) -> Callable[..., Any]:
     @functools.wraps(original)
     def dispatcher(*args: Any, **kwargs: Any) -> Any:
         tensor = _first_tensor(args, kwargs)
         if tensor is not None and tensor.device.type == 'cpu':
             return cpu_impl(*args, **kwargs)
+        if tensor is not None and attribute in _torch_everywhere:
+            # The PyTorch delta rule accumulates in float32 itself; autocast would push its products to bf16.
+            guard = (
+                torch.autocast(tensor.device.type, enabled=False)
+                if attribute in _DELTA_RULE_ATTRIBUTES and torch.amp.is_autocast_available(tensor.device.type)
+                else contextlib.nullcontext()
+            )
+            with guard:
+                return cpu_impl(*args, **kwargs)
         return original(*args, **kwargs)
 
     setattr(dispatcher, _ORIGINAL, original)
@@ -86,7 +132,10 @@ def install() -> None:
         current = vars(target)[attribute]
         if hasattr(current, _ORIGINAL):
             continue
-        setattr(target, attribute, _device_dispatcher(current, cpu_impl))
+        setattr(target, attribute, _device_dispatcher(current, cpu_impl, attribute))
+    choice = os.environ.get('STATERANK_TORCH_KERNELS', '').strip()
+    if choice and choice != torch_kernels():
+        use_torch_kernels(choice)
 
 
 def is_installed() -> bool:
