@@ -55,3 +55,55 @@ def test_bench_api_on_a_loaded_model_directory(tmp_path):
                        repeats=1, warmup=0)
     assert result["models"][0]["state_bytes_per_seq"] == api.info("tiny-deltanet")["state_bytes_per_seq"]
     assert result["speedup"] == {}
+
+
+def _state_addresses(decoder) -> list[list[int]]:
+    return [[t.data_ptr() for t in leaves if isinstance(t, torch.Tensor)] for leaves, _ in decoder.states]
+
+
+def test_static_decoder_matches_eager_decoding_and_keeps_its_memory():
+    """The graph-ready step gives the eager cache's logits, in state tensors that never move."""
+    from transformers import AutoModelForCausalLM
+
+    from staterank.bench import StaticDecoder
+
+    torch.manual_seed(0)
+    for model_type in ("delta_net", "gated_deltanet"):
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type, 64)).eval()
+        prompt = torch.randint(0, 64, (2, 9))
+        decoder = StaticDecoder(model, prompt)
+        before = _state_addresses(decoder)
+        with torch.no_grad():
+            cache = model(input_ids=prompt, use_cache=True).past_key_values
+            for _ in range(4):
+                expected = model(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True)
+                cache = expected.past_key_values
+                torch.testing.assert_close(decoder.step(), expected.logits, rtol=1e-5, atol=1e-5)
+        for layer, (leaves, _) in zip(decoder.cache.layers, decoder.states, strict=True):
+            assert any(layer.state["recurrent_state"] is t for t in leaves)  # the cache holds the static tensors
+        assert _state_addresses(decoder) == before
+
+
+def test_decode_bound_counts_weights_once_and_state_twice():
+    from transformers import AutoModelForCausalLM
+
+    from staterank.bench import decode_bytes_per_step
+
+    config = tiny_config("delta_net", 64)
+    for tied in (True, False):
+        config.tie_word_embeddings = tied
+        model = AutoModelForCausalLM.from_config(config)
+        embedding = model.get_input_embeddings().weight
+        all_bytes = sum(p.numel() * 4 for p in {id(p): p for p in model.parameters()}.values())
+        unread = 0 if tied else (64 - 3) * embedding.shape[1] * 4  # only 3 rows of an untied input embedding
+        assert decode_bytes_per_step(model, 1000, 3) == all_bytes - unread + 2 * 3 * 1000
+
+
+def test_bench_says_which_decode_batch_fits_the_budget(tmp_path, capsys):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(tiny_config("delta_net", 64).to_dict()))
+    argv = ["bench", str(path), "--from-config", "--seq-len", "8", "--repeats", "1", "--decode-batch-sizes", "1,100000",
+            "--memory-budget-gib", "0.01"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "decode batch 100000 does not fit" in err and "the largest batch" in err and len(err.splitlines()) == 1

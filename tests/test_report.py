@@ -25,16 +25,16 @@ def fake_run(run_dir):
     (run_dir / "eval-tiny-techdocs-val.json").write_text(json.dumps({"data": "techdocs-val", "ppl": 16.2}))
     (run_dir / "eval-tiny-pruned-techdocs-val.json").write_text(json.dumps({"data": "techdocs-val", "ppl": 19.4}))
     (run_dir / "bench.json").write_text(json.dumps({
-        "device": "cpu", "dtype": "float32", "decode_mode": "eager",
+        "device": "cpu", "dtype": "float32", "batch_size": 8, "seq_len": 2048,
         "models": [{"name": "tiny", "prefill_tokens_per_s": 1000.0, "decode_ms_per_token": {"1": 2.0},
-                    "state_bytes_per_seq": 100}]}))
+                    "decode_graph_ms_per_token": {"1": 0.75}, "state_bytes_per_seq": 100}]}))
 
 
 def test_report_embeds_every_image_and_references_existing_files(tmp_path):
     fake_run(tmp_path)
     markdown, page = write_report(tmp_path)
     text = page.read_text()
-    assert "<h2>Perplexity</h2>" in text and "16.20" in text and "19.40" in text and "1,000" in text
+    assert "<h2>Perplexity</h2>" in text and "16.20" in text and "19.40" in text and "1,000" in text and "0.75" in text
     images = re.findall(r'<img[^>]*src="([^"]+)"', text)
     assert len(images) == 2 and all(src.startswith("data:image/png;base64,") for src in images)  # self-contained
     for src in images:

@@ -338,8 +338,9 @@ def bench(
 
     if out is not None:
         check_output(out, overwrite)
-    if batch_size < 1 or seq_len < 1 or repeats < 1 or warmup < 0 or decode_steps < 1:
-        raise BenchError("--batch-size, --seq-len, --repeats and decode steps must be positive, --warmup >= 0")
+    smallest_decode_batch = min(decode_batch_sizes, default=1)
+    if min(batch_size, seq_len, repeats, decode_steps, smallest_decode_batch) < 1 or warmup < 0:
+        raise BenchError("--batch-size, --seq-len, --repeats, decode batches and steps must be positive, --warmup >= 0")
     torch_dtype = None
     if dtype is not None:
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
@@ -350,18 +351,24 @@ def bench(
         for m in models
     ]
     budget = int(memory_budget_gib * 2**30) if memory_budget_gib is not None else None
-    result = run_bench(
-        loaded,
-        [str(m) for m in models],
-        batch_size=batch_size,
-        seq_len=seq_len,
-        decode_batch_sizes=tuple(decode_batch_sizes),
-        decode_steps=decode_steps,
-        warmup=warmup,
-        repeats=repeats,
-        memory_budget_bytes=budget,
-        seed=seed,
-    )
+    try:
+        result = run_bench(
+            loaded,
+            [str(m) for m in models],
+            batch_size=batch_size,
+            seq_len=seq_len,
+            decode_batch_sizes=tuple(decode_batch_sizes),
+            decode_steps=decode_steps,
+            warmup=warmup,
+            repeats=repeats,
+            memory_budget_bytes=budget,
+            seed=seed,
+        )
+    except torch.OutOfMemoryError:
+        raise BenchError(
+            f"out of device memory at prefill {batch_size} x {seq_len} or decode batches {list(decode_batch_sizes)}: "
+            "lower --batch-size / --seq-len, or see --memory-budget-gib for the decode batch that fits"
+        ) from None
     if out is not None:
         write_json(out, result, overwrite=overwrite)
     return result

@@ -2,9 +2,14 @@
 
 All models run in one process on the same inputs; repeats are interleaved (model A, model B, A, B,
 ...) so drifting clocks and caches hit every model alike; medians and spreads are reported with the
-ratios to the first model. Decoding here is eager (one forward per generated token through the
-model's cache); it is launch-bound on GPUs, which hides the effect of a smaller state (see
-docs/RESULTS.md).
+ratios to the first model.
+
+Decoding is timed twice. Eager: one forward per generated token through the model's cache; on a GPU
+this is launch-bound (thousands of small kernels per token), which hides the effect of a smaller
+state. Graphed (CUDA only): one decoding step is captured once in a CUDA graph over a cache whose
+state tensors never move (:class:`StaticDecoder`) and replayed, which removes the launch overhead.
+Both are set against the memory-bandwidth bound of a step: the bytes of weights read plus the state
+read and written, over the device's measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from staterank.errors import StaterankError
 from staterank.loading import LoadedModel
@@ -63,6 +69,109 @@ def _decode(model, prompt: torch.Tensor, steps: int) -> None:
         cache = model(input_ids=token, past_key_values=cache, use_cache=True).past_key_values
 
 
+class StaticDecoder:
+    """Greedy-free decoding through a cache whose state tensors keep their memory from step to step.
+
+    The prompt fills the cache; every :meth:`step` feeds the static ``token`` [B, 1], copies the
+    states the model returns into the tensors the cache held before and puts those back. A step
+    therefore reads and writes the same addresses every time, so it can be captured in a CUDA graph
+    and replayed. Needs a cache of fixed size: fla's recurrent caches (DeltaNet, Gated DeltaNet), not
+    the growing key/value caches of hybrid models' attention layers.
+    """
+
+    def __init__(self, model, prompt: torch.Tensor):
+        self.model = model
+        self.cache = model(input_ids=prompt, use_cache=True).past_key_values
+        layers = getattr(self.cache, "layers", None)
+        if layers is None or not all(isinstance(getattr(layer, "state", None), dict) for layer in layers):
+            raise BenchError(f"{type(self.cache).__name__} is not a recurrent cache of fixed size")
+        if any(layer.state.get("attn_state") is not None for layer in layers):
+            raise BenchError("the model has attention layers, whose key/value cache grows with every token")
+        self.token = prompt[:, -1:].clone()
+        self.states = [tree_flatten(layer.state) for layer in layers]  # [(leaves, spec)] per layer
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Decode one token; returns the logits [B, 1, vocab] (a new tensor, or the graph's output)."""
+        logits = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True).logits
+        for layer, (leaves, spec) in zip(self.cache.layers, self.states, strict=True):
+            new_leaves, _ = tree_flatten(layer.state)
+            for static, new in zip(leaves, new_leaves, strict=True):
+                if isinstance(static, torch.Tensor) and new is not static:
+                    static.copy_(new)
+            layer.state = tree_unflatten(leaves, spec)
+        return logits
+
+
+class GraphedDecoder(StaticDecoder):
+    """:class:`StaticDecoder` whose step is captured once in a CUDA graph and then replayed."""
+
+    def __init__(self, model, prompt: torch.Tensor, warmup_steps: int = 3):
+        super().__init__(model, prompt)
+        # Triton autotuning and lazy allocations must happen before capture, on a side stream.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup_steps):
+                super().step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = super().step()
+
+    def step(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.logits
+
+
+def measure_bandwidth_bytes_per_s(device: torch.device, size_bytes: int = 2**30, repeats: int = 5) -> float:
+    """Device memory bandwidth as measured by a large copy: (bytes read + bytes written) / seconds (median)."""
+    src = torch.empty(size_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    seconds = statistics.median(_timed(lambda: dst.copy_(src), device) for _ in range(repeats))
+    return 2 * size_bytes / seconds
+
+
+def decode_bytes_per_step(model, state_bytes_per_seq: int, batch_size: int) -> int:
+    """Bytes a decoding step must move at least: every weight read once (the input embedding only for its
+    ``batch_size`` rows unless it is tied to the output layer) plus each sequence's state read and written."""
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is embedding
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not tied:
+        weight_bytes -= (embedding.shape[0] - batch_size) * embedding.shape[1] * embedding.element_size()
+    return weight_bytes + 2 * batch_size * state_bytes_per_seq
+
+
+def largest_batch(budget_bytes: int, weight_bytes: int, state_bytes_per_seq: int) -> int:
+    """How many sequences' states fit beside the weights in ``budget_bytes``."""
+    return max(0, (budget_bytes - weight_bytes) // state_bytes_per_seq)
+
+
+def _check_batches_fit(models: list[LoadedModel], names: list[str], batch_sizes, budget_bytes: int, where: str):
+    for loaded, name in zip(models, names, strict=True):
+        weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        fits = largest_batch(budget_bytes, weight_bytes, loaded.adapter.state_bytes_per_seq())
+        too_large = [b for b in batch_sizes if b > fits]
+        if too_large:
+            raise BenchError(
+                f"{name}: decode batch {max(too_large)} does not fit {where} ({budget_bytes / 2**30:.2f} GiB); "
+                f"the largest batch whose states fit beside the weights is {fits}"
+            )
+
+
+def _graph_decoders(models: list[LoadedModel], prompt: torch.Tensor) -> tuple[list[GraphedDecoder], str | None]:
+    """Capture a :class:`GraphedDecoder` per model on ``prompt``; on failure, say why instead."""
+    if prompt.device.type != "cuda":
+        return [], "CUDA graphs need a CUDA device"
+    try:
+        return [GraphedDecoder(loaded.model, prompt) for loaded in models], None
+    except (BenchError, RuntimeError) as error:
+        return [], str(error).splitlines()[0]
+
+
 def bench(
     models: list[LoadedModel],
     names: list[str],
@@ -86,9 +195,16 @@ def bench(
     vocab = vocab_sizes.pop()
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(device)
     prompts = {b: torch.randint(0, vocab, (b, 16), generator=generator).to(device) for b in decode_batch_sizes}
+    if memory_budget_bytes is not None:
+        _check_batches_fit(models, names, decode_batch_sizes, memory_budget_bytes, "the memory budget")
+    if device.type == "cuda":
+        _check_batches_fit(
+            models, names, decode_batch_sizes, torch.cuda.get_device_properties(device).total_memory, "this GPU"
+        )
 
     prefill: dict[int, list[float]] = {i: [] for i in range(len(models))}
     decode: dict[tuple[int, int], list[float]] = {(i, b): [] for i in range(len(models)) for b in decode_batch_sizes}
+    graphed: dict[tuple[int, int], list[float]] = {key: [] for key in decode}
     peak: dict[int, int | None] = {}
     for repeat in range(warmup + repeats):
         for i, loaded in enumerate(models):
@@ -103,6 +219,20 @@ def bench(
                 if repeat >= warmup:
                     decode[(i, b)].append(seconds)
 
+    # Graphed decoding, one batch size at a time: each decoder holds its batch's states and its graph's memory.
+    graphs_unavailable = None
+    for b in decode_batch_sizes:
+        decoders, graphs_unavailable = _graph_decoders(models, prompts[b])
+        if graphs_unavailable is not None:
+            break
+        for repeat in range(warmup + repeats):
+            for i, decoder in enumerate(decoders):
+                seconds = _timed(lambda d=decoder: [d.step() for _ in range(decode_steps)], device)
+                if repeat >= warmup:
+                    graphed[(i, b)].append(seconds)
+        del decoders
+    graphs_ran = bool(decode_batch_sizes) and graphs_unavailable is None
+    bandwidth = measure_bandwidth_bytes_per_s(device, 2**30 if device.type == "cuda" else 2**27)
     rows = []
     for i, (loaded, name) in enumerate(zip(models, names, strict=True)):
         prefill_time = Timing.of(prefill[i])
@@ -114,6 +244,9 @@ def bench(
             "prefill_spread": prefill_time.spread,
             "decode_ms_per_token": {},
             "decode_spread": {},
+            "decode_graph_ms_per_token": {} if graphs_ran else None,
+            "decode_graph_spread": {} if graphs_ran else None,
+            "decode_bound_ms_per_token": {},
             "peak_mem_bytes": peak.get(i),
             "state_bytes_per_seq": state_bytes,
             "weight_bytes": weight_bytes,
@@ -123,10 +256,17 @@ def bench(
             timing = Timing.of(decode[(i, b)])
             row["decode_ms_per_token"][str(b)] = 1000 * timing.median / decode_steps
             row["decode_spread"][str(b)] = timing.spread
+            if graphs_ran:
+                timing = Timing.of(graphed[(i, b)])
+                row["decode_graph_ms_per_token"][str(b)] = 1000 * timing.median / decode_steps
+                row["decode_graph_spread"][str(b)] = timing.spread
+            bound_bytes = decode_bytes_per_step(loaded.model, state_bytes, b)
+            row["decode_bound_ms_per_token"][str(b)] = 1000 * bound_bytes / bandwidth
         if memory_budget_bytes is not None:
-            row["max_batch_in_budget"] = max(0, (memory_budget_bytes - weight_bytes) // state_bytes)
+            row["max_batch_in_budget"] = largest_batch(memory_budget_bytes, weight_bytes, state_bytes)
         rows.append(row)
 
+    graphed_any = rows[0]["decode_graph_ms_per_token"] is not None
     first = rows[0]
     speedup = {
         row["name"]: {
@@ -134,6 +274,12 @@ def bench(
             "decode": {
                 b: first["decode_ms_per_token"][b] / row["decode_ms_per_token"][b] for b in row["decode_ms_per_token"]
             },
+            "decode_graph": {
+                b: first["decode_graph_ms_per_token"][b] / row["decode_graph_ms_per_token"][b]
+                for b in row["decode_graph_ms_per_token"]
+            }
+            if row["decode_graph_ms_per_token"]
+            else None,
             "state_bytes": first["state_bytes_per_seq"] / row["state_bytes_per_seq"],
         }
         for row in rows[1:]
@@ -146,7 +292,9 @@ def bench(
         "decode_steps": decode_steps,
         "warmup": warmup,
         "repeats": repeats,
-        "decode_mode": "eager",
+        "decode_modes": ["eager", "graph"] if graphed_any else ["eager"],
+        "decode_graph_unavailable": graphs_unavailable,
+        "bandwidth_bytes_per_s": bandwidth,
         "models": rows,
         "speedup": speedup,
     }

@@ -137,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048, help="prefill tokens per sequence (default: 2048)")
     p.add_argument(
         "--decode-batch-sizes",
-        type=lambda text: [int(b) for b in text.split(",")],
+        type=lambda text: [int(b) for b in text.split(",") if b.strip()],
         default=[1, 64],
-        help="comma-separated (default: 1,64)",
+        help="comma-separated (default: 1,64); empty for prefill only",
     )
     p.add_argument("--decode-steps", type=int, default=32)
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
@@ -342,17 +342,22 @@ def _cmd_bench(args) -> int:
         seed=args.seed,
     )
     sizes = list(result["models"][0]["decode_ms_per_token"])
-    print(f"{result['device']}, {result['dtype']}, prefill {result['batch_size']} x {result['seq_len']}, eager decode")
-    print(
-        f"{'model':<40} {'prefill tok/s':>14} "
-        + " ".join(f"{f'ms/tok b={b}':>12}" for b in sizes)
-        + f" {'state B/seq':>12}"
-    )
+    graphed = result["models"][0]["decode_graph_ms_per_token"] is not None
+    print(f"{result['device']}, {result['dtype']}, prefill {result['batch_size']} x {result['seq_len']}")
+    if sizes and not graphed:
+        print(f"decode: eager only ({result['decode_graph_unavailable']})")
+    print(f"{'model':<40} {'prefill tok/s':>14} {'state B/seq':>12}")
     for row in result["models"]:
-        decode = " ".join(f"{row['decode_ms_per_token'][b]:>12.2f}" for b in sizes)
-        print(
-            f"{row['name'][-40:]:<40} {row['prefill_tokens_per_s']:>14,.0f} {decode} {row['state_bytes_per_seq']:>12,}"
-        )
+        print(f"{row['name'][-40:]:<40} {row['prefill_tokens_per_s']:>14,.0f} {row['state_bytes_per_seq']:>12,}")
+    if sizes:
+        print(f"{'decode ms/token':<40} {'batch':>6} {'eager':>9} {'graph':>9} {'bound':>9}")
+        for row in result["models"]:
+            for b in sizes:
+                graph = f"{row['decode_graph_ms_per_token'][b]:>9.3f}" if graphed else f"{'-':>9}"
+                print(
+                    f"{row['name'][-40:]:<40} {b:>6} {row['decode_ms_per_token'][b]:>9.3f} {graph}"
+                    f" {row['decode_bound_ms_per_token'][b]:>9.3f}"
+                )
     if args.out:
         print(f"wrote {args.out}")
     return 0

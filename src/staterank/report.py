@@ -154,22 +154,25 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     if found["bench"]:
         bench = found["bench"]
         sizes = list(bench["models"][0]["decode_ms_per_token"])
-        rows = [
-            [
-                row["name"],
-                f"{row['prefill_tokens_per_s']:,.0f}",
-                *[f"{row['decode_ms_per_token'][b]:.2f}" for b in sizes],
-                f"{row['state_bytes_per_seq']:,}",
-            ]
-            for row in bench["models"]
-        ]
+        graphed = bench["models"][0].get("decode_graph_ms_per_token") is not None
+        columns = ["model", "prefill tok/s"]
+        for b in sizes:
+            columns += [f"eager ms/token b={b}"] + ([f"graph ms/token b={b}"] if graphed else [])
+        rows = []
+        for row in bench["models"]:
+            cells = [row["name"], f"{row['prefill_tokens_per_s']:,.0f}"]
+            for b in sizes:
+                cells.append(f"{row['decode_ms_per_token'][b]:.2f}")
+                if graphed:
+                    cells.append(f"{row['decode_graph_ms_per_token'][b]:.2f}")
+            rows.append([*cells, f"{row['state_bytes_per_seq']:,}"])
         sections.append(
             (
-                f"Speed ({bench['device']}, {bench['dtype']}, {bench['decode_mode']} decode)",
+                f"Speed ({bench['device']}, {bench['dtype']}, prefill {bench['batch_size']} x {bench['seq_len']})",
                 [
                     (
                         "table",
-                        (["model", "prefill tok/s", *[f"ms/token b={b}" for b in sizes], "state bytes/seq"], rows),
+                        ([*columns, "state bytes/seq"], rows),
                     ),
                 ],
             )
