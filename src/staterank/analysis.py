@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from staterank.data import iterate_batches, load_sequences
+from staterank import distributed
+from staterank.data import load_sequences
 from staterank.errors import StaterankError
-from staterank.loading import LoadedModel
+from staterank.loading import LoadedModel, input_device
 from staterank.models import HeadFeatures
 from staterank.rank import (
     decided_at,
@@ -86,22 +87,32 @@ def collect_metrics(
     progress: bool,
     desc: str,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, list[tuple[int, int]]]:
-    """Metrics [samples, positions, heads] for every metric, final spectra [heads, r], and the (layer, head) order."""
+    """Metrics [samples, positions, heads] for every metric, final spectra [heads, r], and the (layer, head) order.
+
+    In a data-parallel run every rank measures its share of the batches, and the per-sample
+    metrics of all ranks are gathered back into the order of ``sequences``.
+    """
     adapter = loaded.adapter
-    device = next(loaded.model.parameters()).device
-    per_batch: dict[int, list[dict[str, torch.Tensor]]] = {layer: [] for layer in adapter.linear_layers()}
+    device = input_device(loaded.model)
+    batches = distributed.shard_batches(sequences, batch_size, "analysis")
+    mine: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # batch index -> layer -> metric [P, B, Hv, ...]
+    current: dict[int, dict[str, torch.Tensor]] = {}  # layer -> metric, for the batch running now
 
     def collect(features: HeadFeatures) -> None:
         states = states_at(features, positions)  # [P, B, Hv, d_k, d_v]
         metrics = spectral_metrics(states.float(), eps)
-        per_batch[features.layer].append({name: value.cpu() for name, value in metrics.items()})
+        current[features.layer] = {name: value.cpu() for name, value in metrics.items()}
 
-    bar = tqdm(total=sequences.shape[0], unit="seq", desc=desc, disable=not progress)
-    with torch.no_grad(), adapter.tap(collect):
-        for batch in iterate_batches(sequences, batch_size):
+    shown = progress and distributed.is_main()
+    bar = tqdm(total=sum(batch.shape[0] for _, batch in batches), unit="seq", desc=desc, disable=not shown)
+    with distributed.together(), torch.no_grad(), adapter.tap(collect):
+        for index, batch in batches:
             loaded.model(input_ids=batch.to(device))
+            mine[index] = dict(current)
             bar.update(batch.shape[0])
     bar.close()
+    everyone = {i: layers for part in distributed.gather_objects(mine) for i, layers in part.items()}
+    per_batch = {layer: [everyone[i][layer] for i in sorted(everyone)] for layer in adapter.linear_layers()}
 
     order = [
         (layer, head) for layer in adapter.linear_layers() for head in range(adapter.layer_shape(layer).num_v_heads)

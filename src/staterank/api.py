@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from staterank import distributed
 from staterank import evaluate as evaluation
 from staterank.errors import StaterankError
 from staterank.io import check_output, output_dir, write_json
@@ -19,11 +20,31 @@ def load_model(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
-    """Load MODEL (a local directory, hub id or bundled name) with its tokenizer and family adapter."""
+    """Load MODEL (a local directory, hub id or bundled name) with its tokenizer and family adapter.
+
+    ``device_map="auto"`` spreads a model larger than one GPU over the GPUs (and CPU memory). In a
+    data-parallel run (torchrun) every rank loads the model onto its own GPU, and the ranks check
+    that they all loaded the same one.
+    """
     if isinstance(model, LoadedModel):
-        return model
-    return load(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        loaded = model
+    else:
+        if device_map is not None and distributed.world().parallel:
+            raise distributed.DistributedError(
+                "--device-map spreads one model over the GPUs of one process; launch it without torchrun"
+            )
+        with distributed.together():
+            loaded = load(
+                model,
+                device=distributed.device(device),
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                device_map=device_map,
+            )
+    distributed.check_same_model(loaded.model, str(loaded.path))
+    return loaded
 
 
 def info(model: str | os.PathLike | LoadedModel, **load_options) -> dict:
@@ -90,6 +111,10 @@ def evaluate(
         raise StaterankError(f"--stride must be in [1, --seq-len], got {stride}")
     if data is None and ({"ppl", "ppl-by-position"} & set(own)):
         raise StaterankError("the ppl tasks need --data")
+    if harness and distributed.world().parallel:
+        raise distributed.DistributedError(
+            "lm-eval tasks run in one process; launch them without torchrun (or use lm-eval's own accelerate launch)"
+        )
     torch.manual_seed(seed)
     loaded = load_model(model, **load_options)
     result: dict = {"model": str(loaded.path), "data": data}
@@ -216,9 +241,11 @@ def prune(
         state_bytes_after=loaded.adapter.state_bytes_per_seq(),
         params_after=sum(p.numel() for p in loaded.model.parameters()),
     )
-    with output_dir(out, overwrite=overwrite) as tmp:
-        save_model(loaded, tmp)
-        write_json(tmp / "pruning.json", report)
+    with distributed.together():
+        if distributed.is_main():
+            with output_dir(out, overwrite=overwrite) as tmp:
+                save_model(loaded, tmp)
+                write_json(tmp / "pruning.json", report)
     return report
 
 
@@ -271,16 +298,18 @@ def analyze(
         batch_size=batch_size,
         progress=progress,
     )
-    with output_dir(out, overwrite=overwrite) as tmp:
-        write_json(tmp / "rank.json", result.json)
-        _write_metric_csvs(result.json, tmp)
-        analysis_plots(
-            result.json,
-            result.spectra,
-            tmp,
-            domain_ranks=result.domain_ranks or None,
-            spearman=result.cross_domain_spearman,
-        )
+    with distributed.together():
+        if distributed.is_main():
+            with output_dir(out, overwrite=overwrite) as tmp:
+                write_json(tmp / "rank.json", result.json)
+                _write_metric_csvs(result.json, tmp)
+                analysis_plots(
+                    result.json,
+                    result.spectra,
+                    tmp,
+                    domain_ranks=result.domain_ranks or None,
+                    spearman=result.cross_domain_spearman,
+                )
     return result.json
 
 

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from staterank.data import iterate_batches
+from staterank import distributed
 from staterank.errors import StaterankError
+from staterank.loading import input_device
 from staterank.models import HeadFeatures, ModelAdapter
 
 
@@ -49,6 +50,14 @@ class LayerStats:
         value = value.detach().to(torch.float64)
         current = getattr(self, name)
         setattr(self, name, value if current is None else current.add_(value))
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over the ranks of a data-parallel run (every rank ends with the totals)."""
+        counts = torch.tensor([self.tokens, self.grad_batches], dtype=torch.float64)
+        self.tokens, self.grad_batches = (int(c) for c in distributed.all_reduce_sum(counts).tolist())
+        for value in vars(self).values():
+            if isinstance(value, torch.Tensor):
+                distributed.all_reduce_sum(value)
 
     def to_cpu(self) -> None:
         for name, value in list(vars(self).items()):
@@ -102,9 +111,18 @@ def calibrate(
 
     With ``gradients`` every batch also runs backward on the language-model loss and adds
     |W ⊙ dL/dW| of the q/k projection rows (the first-order Taylor score).
+
+    In a data-parallel run every rank streams its share of the batches
+    (:func:`~staterank.distributed.shard_batches`) and the sums are added over the ranks, so
+    every rank returns the statistics of all of ``sequences``.
     """
     model = adapter.model
-    device = next(model.parameters()).device
+    device = input_device(model)
+    if gradients and any(p.device.type == "meta" for p in model.parameters()):
+        raise CalibrationError(
+            "this criterion needs gradients of every layer's weights, and the device map offloads some layers "
+            "to CPU or disk; use a forward-only criterion (rrqr, pca, wanda) or more GPUs"
+        )
     result = Calibration({layer: LayerStats(layer) for layer in adapter.linear_layers()})
 
     def collect(features: HeadFeatures) -> None:
@@ -120,35 +138,47 @@ def calibrate(
             stats.tokens += q.shape[0] * q.shape[1]
 
     start = time.perf_counter()
+    batches = [batch for _, batch in distributed.shard_batches(sequences, batch_size, "calibration")]
     was_training = model.training
     model.eval()
-    bar = tqdm(total=sequences.numel(), unit="tok", unit_scale=True, desc="calibrate", disable=not progress)
-    try:
-        for batch in iterate_batches(sequences, batch_size):
-            batch = batch.to(device)
-            if gradients:
-                model.zero_grad(set_to_none=True)
-                with adapter.tap(collect):
-                    logits = model(input_ids=batch).logits
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
-                loss.backward()
-                with torch.no_grad():
-                    for layer, stats in result.layers.items():
-                        for name, weight, grad in zip(
-                            ("taylor_q", "taylor_k"), adapter.qk_weights(layer), adapter.qk_grads(layer), strict=True
-                        ):
-                            stats.add(name, (weight.float() * grad.float()).abs().sum(-1))
-                        stats.grad_batches += 1
-            else:
-                with torch.no_grad(), adapter.tap(collect):
-                    model(input_ids=batch)
-            result.tokens += batch.numel()
-            bar.update(batch.numel())
-    finally:
-        bar.close()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+    bar = tqdm(
+        total=sum(batch.numel() for batch in batches),
+        unit="tok",
+        unit_scale=True,
+        desc="calibrate",
+        disable=not progress or not distributed.is_main(),
+    )
+    with distributed.together():  # a failure on one rank (NaN features) stops every rank
+        try:
+            for batch in batches:
+                batch = batch.to(device)
+                if gradients:
+                    model.zero_grad(set_to_none=True)
+                    with adapter.tap(collect):
+                        logits = model(input_ids=batch).logits
+                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+                    loss.backward()
+                    with torch.no_grad():
+                        for layer, stats in result.layers.items():
+                            for name, weight, grad in zip(
+                                ("taylor_q", "taylor_k"),
+                                adapter.qk_weights(layer),
+                                adapter.qk_grads(layer),
+                                strict=True,
+                            ):
+                                stats.add(name, (weight.float() * grad.float()).abs().sum(-1))
+                            stats.grad_batches += 1
+                else:
+                    with torch.no_grad(), adapter.tap(collect):
+                        model(input_ids=batch)
+                bar.update(batch.numel())
+        finally:
+            bar.close()
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+    result.tokens = sequences.numel()
     for stats in result.layers.values():
+        stats.all_reduce()
         stats.to_cpu()
     result.seconds = time.perf_counter() - start
     if not math.isfinite(result.seconds) or result.tokens == 0:

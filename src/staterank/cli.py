@@ -7,16 +7,26 @@ Exit codes: 0 success; 2 bad input (one line on stderr, no traceback unless --de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
 
 from staterank.errors import StaterankError
 
+#: The commands that run data-parallel under torchrun; the others run in one process.
+PARALLEL_COMMANDS = ("prune", "analyze", "evaluate", "finetune")
+
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument(
+        "--device-map",
+        choices=["auto", "balanced", "sequential"],
+        help="spread a model larger than one GPU over all GPUs (and CPU memory) with accelerate",
+    )
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)"
     )
@@ -197,7 +207,9 @@ def _print_info(info: dict) -> None:
 def _cmd_info(args) -> int:
     from staterank import api
 
-    info = api.info(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    info = api.info(
+        args.model, device=args.device, device_map=args.device_map, trust_remote_code=args.trust_remote_code
+    )
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -206,7 +218,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from staterank import api
+    from staterank import api, distributed
     from staterank.io import check_output, write_json
 
     if args.out:
@@ -223,6 +235,7 @@ def _cmd_evaluate(args) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         device=args.device,
+        device_map=args.device_map,
         trust_remote_code=args.trust_remote_code,
     )
     if "ppl" in result:
@@ -231,7 +244,9 @@ def _cmd_evaluate(args) -> int:
         if name in result:
             print(f"{name}: {json.dumps(result[name])}")
     if args.out:
-        write_json(args.out, result, overwrite=args.overwrite)
+        with distributed.together():
+            if distributed.is_main():
+                write_json(args.out, result, overwrite=args.overwrite)
         print(f"wrote {args.out}")
     return 0
 
@@ -251,6 +266,7 @@ def _cmd_analyze(args) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         device=args.device,
+        device_map=args.device_map,
         trust_remote_code=args.trust_remote_code,
     )
     strat, stability = result["stratification"], result["stability"]
@@ -300,6 +316,7 @@ def _cmd_prune(args) -> int:
         scope=args.scope,
         overwrite=args.overwrite,
         device=args.device,
+        device_map=args.device_map,
         trust_remote_code=args.trust_remote_code,
     )
     before, after = report["state_bytes_before"], report["state_bytes_after"]
@@ -497,10 +514,25 @@ COMMANDS = {
 }
 
 
+def _run(args) -> int:
+    """Run a command; in a data-parallel launch only rank 0 prints (every rank reports its errors)."""
+    from staterank import distributed
+
+    launch = distributed.world()
+    if launch.parallel and args.command not in PARALLEL_COMMANDS:
+        raise distributed.DistributedError(
+            f"staterank {args.command} runs in one process; torchrun launches {', '.join(PARALLEL_COMMANDS)}"
+        )
+    if distributed.is_main():
+        return COMMANDS[args.command](args)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        return COMMANDS[args.command](args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return _run(args)
     except StaterankError as e:
         if args.debug:
             traceback.print_exc()

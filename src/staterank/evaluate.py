@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from staterank import distributed
 from staterank.data import iterate_batches, token_stream
 from staterank.errors import DataError, StaterankError
-from staterank.loading import LoadedModel
+from staterank.loading import LoadedModel, input_device
 
 
 def windows(stream: torch.Tensor, seq_len: int, stride: int) -> torch.Tensor:
@@ -34,7 +35,7 @@ def token_nll(model, batch: torch.Tensor) -> torch.Tensor:
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 @torch.no_grad()
@@ -58,6 +59,9 @@ def perplexity(
     ``stride`` tokens, the ones no earlier window scored. Each token is scored once, with
     seq_len - stride to seq_len - 1 tokens of context (fewer only in the first window); ``tokens``
     counts (seq_len - 1) + (windows - 1) * stride. A partial window at the end is dropped.
+
+    In a data-parallel run every rank scores its share of the batches of windows and the NLL
+    sums and token counts are added over the ranks.
     """
     if stride is not None and not 1 <= stride <= seq_len:
         raise StaterankError(f"stride must be between 1 and seq_len ({seq_len})")
@@ -68,18 +72,24 @@ def perplexity(
     sequences = windows(token_stream(data, loaded.tokenizer, max_tokens=max_tokens), seq_len, step)
     nll_sum, tokens = 0.0, 0
     start = time.perf_counter()
-    bar = tqdm(total=sequences.shape[0], unit="win", desc="ppl", disable=not progress, leave=False)
-    for first, batch in enumerate(iterate_batches(sequences, batch_size)):
-        nll = token_nll(model, batch.to(device))  # [B, seq_len - 1]
-        keep = torch.zeros_like(nll, dtype=torch.bool)
-        keep[:, -scored:] = True
-        if first == 0:
-            keep[0] = True  # the first window scores all its tokens
-        nll_sum += nll[keep].sum().item()
-        tokens += int(keep.sum())
-        bar.update(batch.shape[0])
-        bar.set_postfix(ppl=f"{math.exp(nll_sum / tokens):.2f}")
-    bar.close()
+    batches = distributed.shard_batches(sequences, batch_size, "evaluation")
+    shown = progress and distributed.is_main()
+    bar = tqdm(total=sum(b.shape[0] for _, b in batches), unit="win", desc="ppl", disable=not shown, leave=False)
+    with distributed.together():
+        for index, batch in batches:
+            nll = token_nll(model, batch.to(device))  # [B, seq_len - 1]
+            keep = torch.zeros_like(nll, dtype=torch.bool)
+            keep[:, -scored:] = True
+            if index == 0:
+                keep[0] = True  # the first window scores all its tokens
+            nll_sum += nll[keep].sum().item()
+            tokens += int(keep.sum())
+            bar.update(batch.shape[0])
+            if shown:
+                bar.set_postfix(ppl=f"{math.exp(nll_sum / tokens):.2f}")
+        bar.close()
+    totals = distributed.all_reduce_sum(torch.tensor([nll_sum, tokens], dtype=torch.float64))
+    nll_sum, tokens = totals[0].item(), int(totals[1])
     return {
         "ppl": math.exp(nll_sum / tokens),
         "nll": nll_sum / tokens,
@@ -125,11 +135,16 @@ def ppl_by_position(
     device = _device(model)
     sequences = windows(token_stream(data, loaded.tokenizer, max_tokens=max_tokens), seq_len, seq_len)
     nll_by_position = torch.zeros(seq_len - 1, dtype=torch.float64)  # index t - 1 for position t
-    bar = tqdm(total=sequences.shape[0], unit="win", desc="ppl by position", disable=not progress, leave=False)
-    for batch in iterate_batches(sequences, batch_size):
-        nll_by_position += token_nll(model, batch.to(device)).double().sum(0).cpu()
-        bar.update(batch.shape[0])
-    bar.close()
+    batches = distributed.shard_batches(sequences, batch_size, "evaluation")
+    shown = progress and distributed.is_main()
+    total = sum(b.shape[0] for _, b in batches)
+    bar = tqdm(total=total, unit="win", desc="ppl by position", disable=not shown, leave=False)
+    with distributed.together():
+        for _, batch in batches:
+            nll_by_position += token_nll(model, batch.to(device)).double().sum(0).cpu()
+            bar.update(batch.shape[0])
+        bar.close()
+    distributed.all_reduce_sum(nll_by_position)  # sums over the ranks' windows
     count = sequences.shape[0]
     bounds = list(zip(edges[:-1], edges[1:], strict=True))
     tokens = [count * (hi - lo) for lo, hi in bounds]

@@ -18,6 +18,11 @@ One function, :func:`finetune`, read top to bottom like nanoGPT's train.py:
 Resuming gives the same final weights as an uninterrupted run: the learning rate and the batch of a
 step are pure functions of the step (no scheduler state to save), and the checkpoint holds the
 trainable weights, the optimizer and the random-number generators (LoRA dropout draws from them).
+
+Launched by torchrun with W processes, the run is data-parallel (DDP): every rank takes its slice of
+rows of each step's batch (W must divide ``batch_size``), DDP averages the gradients, so a step is
+the step one process takes on the whole batch; rank 0 writes checkpoints and the model, and every
+rank resumes from the same checkpoint. (With LoRA dropout every rank draws its own masks.)
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
+from staterank import distributed
 from staterank.api import load_model, save_model
 from staterank.data import load_sequences
 from staterank.errors import DataError, StaterankError
@@ -150,6 +156,8 @@ def finetune(
         raise StaterankError(f"kd_weight must be in [0, 1], not {kd_weight}")
     if kd_temp <= 0:
         raise StaterankError(f"kd_temp must be positive, not {kd_temp}")
+    rows = distributed.split_batch(batch_size)  # this rank's rows of every batch
+    rank, world_size = distributed.world().rank, distributed.world().size
     if isinstance(teacher, LoadedModel):
         teacher_name = str(teacher.path)
     else:
@@ -185,27 +193,41 @@ def finetune(
         raise StaterankError(f"LoRA targets {', '.join(targets)}: {str(e).splitlines()[0]}") from None
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     trainable_params = sum(p.numel() for p in trainable)
-    print(f"LoRA rank {lora_rank} on {', '.join(targets)}: {trainable_params:,} trainable parameters on {run_device}")
+    if distributed.is_main():
+        where = f"{world_size} x {run_device.type}" if world_size > 1 else str(run_device)
+        print(f"LoRA rank {lora_rank} on {', '.join(targets)}: {trainable_params:,} trainable parameters on {where}")
+    # DDP averages the gradients of the ranks' slices: the gradient of the mean loss over the whole batch.
+    trained = peft_model
+    if world_size > 1:
+        device_ids = [run_device] if run_device.type == "cuda" else None
+        trained = torch.nn.parallel.DistributedDataParallel(peft_model, device_ids=device_ids, broadcast_buffers=False)
 
     # -- data ---------------------------------------------------------------------------------
     # load_sequences raises DataError when the corpus holds no sequence of seq_len tokens.
-    sequences = load_sequences(data, student.tokenizer, seq_len, max_tokens=max_train_tokens, shuffle=True, seed=seed)
-    if sequences.shape[0] < batch_size:
-        raise DataError(
-            f"{data}: {sequences.shape[0]} sequences of {seq_len} tokens, fewer than one batch of {batch_size}"
+    with distributed.together():
+        sequences = load_sequences(
+            data, student.tokenizer, seq_len, max_tokens=max_train_tokens, shuffle=True, seed=seed
         )
+        if sequences.shape[0] < batch_size:
+            raise DataError(
+                f"{data}: {sequences.shape[0]} sequences of {seq_len} tokens, fewer than one batch of {batch_size}"
+            )
+    distributed.check_same("data", distributed.data_fingerprint(sequences), "training data")
 
     # -- optimizer and state, or the checkpoint's ---------------------------------------------
     # No weight decay: it would pull the LoRA factors towards 0, i.e. towards the unadapted model.
     optimizer = torch.optim.AdamW(trainable, lr=lr, betas=ADAM_BETAS, weight_decay=0.0)
     step, tokens_seen, seconds, history = 0, 0, 0.0, []
     if resume:
-        state = load_checkpoint(checkpoint_dir, out, opts, RUN_DEFINING, sequences.shape[0])
+        with distributed.together():  # every rank reads the checkpoint rank 0 wrote
+            state = load_checkpoint(checkpoint_dir, out, opts, RUN_DEFINING, sequences.shape[0])
         set_peft_model_state_dict(peft_model, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         step, tokens_seen, seconds, history = state["step"], state["tokens_seen"], state["seconds"], state["history"]
-        restore_rng_state(state["rng"], run_device)
-        print(f"resuming at step {step} of {steps}")
+        ranks_rng = state.get("rng_by_rank") or []
+        restore_rng_state(ranks_rng[rank] if len(ranks_rng) == world_size else state["rng"], run_device)
+        if distributed.is_main():
+            print(f"resuming at step {step} of {steps}")
 
     def save_checkpoint() -> None:
         state = {
@@ -218,14 +240,18 @@ def finetune(
             "options": opts,
             "num_sequences": sequences.shape[0],  # the data position is the step; this guards the data
             "rng": rng_state(run_device),
+            "rng_by_rank": distributed.gather_objects(rng_state(run_device)),
         }
-        with output_dir(checkpoint_dir, overwrite=True) as tmp:
-            torch.save(state, tmp / "state.pt")
+        with distributed.together():
+            if distributed.is_main():
+                with output_dir(checkpoint_dir, overwrite=True) as tmp:
+                    torch.save(state, tmp / "state.pt")
 
     # -- training loop ------------------------------------------------------------------------
     peft_model.train()
     end = steps if stop_after is None else min(steps, step + stop_after)
-    bar = tqdm(total=steps, initial=step, unit="step", desc="finetune", disable=not progress, dynamic_ncols=True)
+    shown = progress and distributed.is_main()
+    bar = tqdm(total=steps, initial=step, unit="step", desc="finetune", disable=not shown, dynamic_ncols=True)
     # Sums kept on the device and read every LOG_EVERY steps (each read waits for the GPU): total, LM, KD.
     window = torch.zeros(3, device=run_device)
     window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
@@ -234,9 +260,9 @@ def finetune(
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, lr, warmup_steps, steps, min_lr_ratio)
-        batch = batch_at(sequences, step, batch_size, seed).to(run_device, non_blocking=True)
+        batch = batch_at(sequences, step, batch_size, seed)[rows].to(run_device, non_blocking=True)
         with autocast:
-            logits = peft_model(input_ids=batch, use_cache=False).logits[:, :-1]
+            logits = trained(input_ids=batch, use_cache=False).logits[:, :-1]
         # Every token after the first of a sequence is predicted from the ones before it.
         lm = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         kd = torch.zeros((), device=run_device)
@@ -251,12 +277,13 @@ def finetune(
         optimizer.zero_grad(set_to_none=True)
 
         step += 1
-        tokens_seen += batch.numel()
+        tokens_seen += batch.numel() * world_size
         window += torch.stack([loss.detach(), lm.detach(), kd.detach()])
         window_steps += 1
-        window_tokens += batch.numel()
+        window_tokens += batch.numel() * world_size
         if window_steps == LOG_EVERY or step == end:
-            total, lm_mean, kd_mean = (window / window_steps).tolist()
+            distributed.all_reduce_sum(window)  # the ranks' slices are equal: their mean is the batch's mean
+            total, lm_mean, kd_mean = (window / (window_steps * world_size)).tolist()
             history.append({"step": step, "loss": total, "lm": lm_mean, "kd": kd_mean})
             final_loss = total
             rate = window_tokens / (time.perf_counter() - window_start)
@@ -282,19 +309,23 @@ def finetune(
         "seconds": round(seconds, 1),
         "trainable_params": trainable_params,
         "device": str(run_device),
+        "world_size": world_size,
         "options": opts,
     }
     if not summary["finished"]:
-        print(f"stopped at step {step} of {steps}; continue with --resume")
+        if distributed.is_main():
+            print(f"stopped at step {step} of {steps}; continue with --resume")
         return {**summary, "model": peft_model}
 
     # -- the final model ----------------------------------------------------------------------
     # Merging folds B A into each target weight: OUT loads with plain transformers, no PEFT needed.
     student.model = peft_model.merge_and_unload().eval()
-    with output_dir(out, overwrite=True) as tmp:  # replaces OUT, the checkpoint with it
-        save_model(student, tmp)
-        write_json(tmp / "finetune.json", summary)
-    print(f"wrote {out}: {tokens_seen:,} tokens seen in {seconds:.0f} s")
+    with distributed.together():
+        if distributed.is_main():
+            with output_dir(out, overwrite=True) as tmp:  # replaces OUT, the checkpoint with it
+                save_model(student, tmp)
+                write_json(tmp / "finetune.json", summary)
+            print(f"wrote {out}: {tokens_seen:,} tokens seen in {seconds:.0f} s")
     return {**summary, "model": student.model}
 
 

@@ -108,17 +108,28 @@ def load(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
-    """Load MODEL for inference: float32 on CPU, bfloat16 on GPU unless ``dtype`` says otherwise."""
+    """Load MODEL for inference: float32 on CPU, bfloat16 on GPU unless ``dtype`` says otherwise.
+
+    ``device_map`` (``"auto"``, or a dict as accelerate takes it) spreads the layers over the GPUs
+    (and CPU memory where they run out) with accelerate's big-model inference, for models larger
+    than one GPU; ``device`` must then be None.
+    """
     path = resolve(model)
     config = read_config(path)
     prepare_runtime(config["model_type"])
     transformers_logging.disable_progress_bar()  # one line per shard on stderr is noise for a CLI
+    if device_map is not None and device is not None:
+        raise ModelLoadError("--device and --device-map exclude each other: the device map places the layers")
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    placement = {} if device_map is None else {"device_map": device_map}
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, **placement
+        )
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"{path}: cannot load the model ({first_line})") from None
@@ -126,5 +137,15 @@ def load(
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: cannot load the tokenizer ({e})") from None
-    loaded.to(device).eval()
+    if device_map is None:
+        loaded.to(device)
+    loaded.eval()
     return LoadedModel(loaded, tokenizer, adapter_for(loaded), path)
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where token ids go: the model's device, or with a device map the input embeddings' (accelerate moves them on)."""
+    if getattr(model, "hf_device_map", None) is None:
+        return next(model.parameters()).device
+    weight = model.get_input_embeddings().weight
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device

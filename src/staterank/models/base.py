@@ -151,6 +151,8 @@ class ModelAdapter(ABC):
 
         Features are computed from each mixer's input as the model runs, so statistics can be
         streamed without keeping activations. Inside ``torch.no_grad()`` they carry no graph.
+        With layers spread over devices (``device_map``) the features of a layer are on that
+        layer's device.
         """
         handles = []
         for layer in layers if layers is not None else self.linear_layers():
@@ -158,6 +160,11 @@ class ModelAdapter(ABC):
 
             def hook(module, args, kwargs, layer=layer):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
+                # accelerate moves a block's inputs and (offloaded) weights to its execution device when the
+                # block is called, before its mixer runs; this guards against a map that splits inside a block.
+                weight = next(module.parameters())
+                if weight.device.type != "meta":
+                    hidden = hidden.to(weight.device)
                 callback(self.features(layer, hidden))
 
             handles.append(mixer.register_forward_pre_hook(hook, with_kwargs=True))
