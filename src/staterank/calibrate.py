@@ -118,11 +118,6 @@ def calibrate(
     """
     model = adapter.model
     device = input_device(model)
-    if gradients and any(p.device.type == "meta" for p in model.parameters()):
-        raise CalibrationError(
-            "this criterion needs gradients of every layer's weights, and the device map offloads some layers "
-            "to CPU or disk; use a forward-only criterion (rrqr, pca, wanda) or more GPUs"
-        )
     result = Calibration({layer: LayerStats(layer) for layer in adapter.linear_layers()})
 
     def collect(features: HeadFeatures) -> None:

@@ -25,7 +25,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device-map",
         choices=["auto", "balanced", "sequential"],
-        help="spread a model larger than one GPU over all GPUs (and CPU memory) with accelerate",
+        help="spread a model larger than one GPU over all GPUs with accelerate (no CPU or disk offload)",
     )
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)"

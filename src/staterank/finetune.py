@@ -200,7 +200,7 @@ def finetune(
     trained = peft_model
     if world_size > 1:
         device_ids = [run_device] if run_device.type == "cuda" else None
-        trained = torch.nn.parallel.DistributedDataParallel(peft_model, device_ids=device_ids, broadcast_buffers=False)
+        trained = torch.nn.parallel.DistributedDataParallel(peft_model, device_ids=device_ids)
 
     # -- data ---------------------------------------------------------------------------------
     # load_sequences raises DataError when the corpus holds no sequence of seq_len tokens.

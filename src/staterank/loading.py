@@ -113,8 +113,8 @@ def load(
     """Load MODEL for inference: float32 on CPU, bfloat16 on GPU unless ``dtype`` says otherwise.
 
     ``device_map`` (``"auto"``, or a dict as accelerate takes it) spreads the layers over the GPUs
-    (and CPU memory where they run out) with accelerate's big-model inference, for models larger
-    than one GPU; ``device`` must then be None.
+    with accelerate's big-model inference, for models larger than one GPU; ``device`` must then be
+    None. Every layer must fit on a device: offloading to CPU or disk is refused.
     """
     path = resolve(model)
     config = read_config(path)
@@ -139,6 +139,15 @@ def load(
         raise ModelLoadError(f"{path}: cannot load the tokenizer ({e})") from None
     if device_map is None:
         loaded.to(device)
+    else:
+        offloaded = sum(p.numel() for p in loaded.parameters() if p.device.type == "meta")
+        if offloaded:
+            # accelerate keeps offloaded weights off the module until the module is called; fla's fused
+            # MLP and the feature taps read weights of modules they do not call, so those runs would be wrong.
+            raise ModelLoadError(
+                f"{path}: the device map offloads {offloaded:,} parameters to CPU or disk, which staterank does "
+                "not support; use more GPUs or a smaller dtype so that every layer sits on a device"
+            )
     loaded.eval()
     return LoadedModel(loaded, tokenizer, adapter_for(loaded), path)
 

@@ -160,11 +160,9 @@ class ModelAdapter(ABC):
 
             def hook(module, args, kwargs, layer=layer):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
-                # accelerate moves a block's inputs and (offloaded) weights to its execution device when the
-                # block is called, before its mixer runs; this guards against a map that splits inside a block.
-                weight = next(module.parameters())
-                if weight.device.type != "meta":
-                    hidden = hidden.to(weight.device)
+                # accelerate moves a block's inputs to the block's device when the block is called, before its
+                # mixer runs; this guards against a device map that splits a block.
+                hidden = hidden.to(next(module.parameters()).device)
                 callback(self.features(layer, hidden))
 
             handles.append(mixer.register_forward_pre_hook(hook, with_kwargs=True))
