@@ -60,3 +60,31 @@ def test_report_renders_in_headless_chromium(tmp_path):
         check=True, capture_output=True, timeout=120,
     )
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 5000
+
+
+def test_perplexity_against_ratio_and_recall_are_reported(tmp_path):
+    from staterank.report import _ratio_points, collect
+
+    fake_run(tmp_path)
+    (tmp_path / "eval-tiny-techdocs-val.json").write_text(json.dumps({"data": "techdocs-val", "ppl": 16.2}))
+    for method, ratio, ppl in (("rrqr", 0.25, 17.0), ("rrqr", 0.5, 19.4), ("l1", 0.5, 29.9)):
+        folder = tmp_path / f"{method}-{ratio}"
+        folder.mkdir()
+        (folder / "pruning.json").write_text(json.dumps({
+            "model": "/models/tiny", "method": method, "ratio": ratio, "head_k_dim_before": 64,
+            "head_k_dim_after": 48, "kept": {}, "state_bytes_before": 10, "state_bytes_after": 8}))
+        (tmp_path / f"eval-{method}-{ratio}-techdocs-val.json").write_text(
+            json.dumps({"data": "techdocs-val", "ppl": ppl}))
+    recall = {"copy": {"length": 16, "distance": [32, 128], "accuracy": [0.5, 0.25], "chance": 0.001},
+              "kv": {"items": [4], "accuracy": [0.125], "chance": 0.001}}
+    (tmp_path / "eval-tiny-recall.json").write_text(json.dumps({"data": None, "recall": recall}))
+    found = collect(tmp_path)
+    # l1 ran at one ratio only: no curve; rrqr's starts at the unpruned model's 16.2
+    assert _ratio_points(found, "techdocs-val") == {"rrqr": [(0.0, 16.2), (0.25, 17.0), (0.5, 19.4)]}
+    assert found["recall"] == {"tiny": recall}
+    markdown, page = write_report(tmp_path)
+    assert (tmp_path / "perplexity_vs_ratio.png").is_file()
+    assert "perplexity_vs_ratio.png" in markdown.read_text()
+    text = page.read_text()
+    assert "copy 16 tokens at 128" in text and "0.250" in text and "lookup of 4 pairs" in text and "0.125" in text
+    assert len(re.findall(r'<img[^>]*src="data:image/png;base64,', text)) == 3

@@ -2,7 +2,8 @@
 
 It shows whatever the directory holds: model info (info.json), the state-rank analysis
 (any folder with rank.json and its plots), pruning configurations (folders with pruning.json),
-perplexities (eval-*.json, drawn as a bar chart) and the bench table (bench.json).
+perplexities (eval-*.json, drawn as a bar chart, and against the pruning ratio where a method was run
+at several ratios), in-context recall (eval-*.json with a "recall" key) and the bench table (bench.json).
 """
 
 from __future__ import annotations
@@ -46,9 +47,53 @@ def _perplexity_chart(evals: dict[str, dict[str, float]]) -> bytes:
     return buffer.getvalue()
 
 
+def _ratio_points(found: dict, data: str) -> dict[str, list[tuple[float, float]]]:
+    """Perplexity on ``data`` against the pruning ratio, per method: [(ratio, ppl)] with the unpruned model at 0."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for entry in found["pruning"]:
+        report, scores = entry["report"], found["evals"].get(entry["name"], {})
+        if data not in scores:
+            continue
+        line = points.setdefault(report["method"], [])
+        original = found["evals"].get(Path(str(report.get("model", ""))).name, {})
+        if data in original and not any(ratio == 0 for ratio, _ in line):
+            line.append((0.0, original[data]))
+        line.append((float(report["ratio"]), scores[data]))
+    return {method: sorted(line) for method, line in points.items() if len({r for r, _ in line if r > 0}) >= 2}
+
+
+def _ratio_chart(curves: dict[str, dict[str, list[tuple[float, float]]]]) -> bytes:
+    """One panel per corpus: perplexity against the pruning ratio, one line per method."""
+    fig = Figure(figsize=(4.2 * len(curves), 3.6), layout="constrained")
+    for k, (data, lines) in enumerate(curves.items()):
+        ax = fig.add_subplot(1, len(curves), k + 1)
+        for method, line in lines.items():
+            ax.plot([r for r, _ in line], [p for _, p in line], marker="o", label=method)
+        ax.set_xlabel("pruning ratio")
+        ax.set_ylabel("perplexity")
+        ax.set_yscale("log")
+        ax.set_title(data)
+        ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def _recall_rows(recalls: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    first = next(iter(recalls.values()))
+    header = ["model"]
+    header += [f"copy {first['copy']['length']} tokens at {d}" for d in first["copy"]["distance"]]
+    header += [f"lookup of {n} pairs" for n in first["kv"]["items"]]
+    rows = [
+        [model, *(f"{a:.3f}" for a in recall["copy"]["accuracy"]), *(f"{a:.3f}" for a in recall["kv"]["accuracy"])]
+        for model, recall in recalls.items()
+    ]
+    return header, rows
+
+
 def collect(run_dir: Path) -> dict:
     """Everything reportable in a run directory (raises ReportError when there is nothing)."""
-    found: dict = {"info": None, "analyses": [], "pruning": [], "evals": {}, "bench": None}
+    found: dict = {"info": None, "analyses": [], "pruning": [], "evals": {}, "recall": {}, "bench": None}
     if (run_dir / "info.json").is_file():
         found["info"] = _read(run_dir / "info.json")
     for rank in sorted(run_dir.rglob("rank.json")):
@@ -58,15 +103,16 @@ def collect(run_dir: Path) -> dict:
         found["pruning"].append({"name": pruning.parent.name, "report": _read(pruning)})
     for path in sorted(run_dir.glob("eval-*.json")):
         result = _read(path)
-        if "ppl" not in result:
-            continue
         stem = path.stem.removeprefix("eval-")
-        data = result.get("data") or "data"
+        data = result.get("data") or "recall"  # eval-MODEL-DATA.json, or eval-MODEL-recall.json without data
         model = stem[: -len(data) - 1] if stem.endswith(f"-{data}") else stem
-        found["evals"].setdefault(model, {})[data] = result["ppl"]
+        if "ppl" in result:
+            found["evals"].setdefault(model, {})[data] = result["ppl"]
+        if "recall" in result:
+            found["recall"][model] = result["recall"]
     if (run_dir / "bench.json").is_file():
         found["bench"] = _read(run_dir / "bench.json")
-    if not any([found["info"], found["analyses"], found["pruning"], found["evals"], found["bench"]]):
+    if not any([found["info"], found["analyses"], found["pruning"], found["evals"], found["recall"], found["bench"]]):
         raise ReportError(
             f"{run_dir}: nothing to report (no info.json, rank.json, pruning.json, eval-*.json or bench.json)"
         )
@@ -150,7 +196,19 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         chart = run_dir / "perplexity.png"
         with atomic_file(chart, "wb") as f:
             f.write(_perplexity_chart(found["evals"]))
-        sections.append(("Perplexity", [("table", (["model", *corpora], rows)), ("image", chart)]))
+        items: list[tuple[str, object]] = [("table", (["model", *corpora], rows)), ("image", chart)]
+        curves = {data: lines for data in corpora if (lines := _ratio_points(found, data))}
+        if curves:
+            chart = run_dir / "perplexity_vs_ratio.png"
+            with atomic_file(chart, "wb") as f:
+                f.write(_ratio_chart(curves))
+            items.append(("image", chart))
+        sections.append(("Perplexity", items))
+    if found["recall"]:
+        header, rows = _recall_rows(found["recall"])
+        sections.append(
+            ("In-context recall (accuracy; chance is about 1 / vocabulary)", [("table", (header, rows))])
+        )
     if found["bench"]:
         bench = found["bench"]
         sizes = list(bench["models"][0]["decode_ms_per_token"])
