@@ -5,7 +5,7 @@ shipped ``techdocs`` corpus tokenised by the bundled tokenizer. Launch once per 
 
     for n in 1 2; do
         PYTHONPATH=src python -m torch.distributed.run --standalone --nproc-per-node $n \\
-            benchmarks/distributed_scaling.py --config configs/deltanet-1.3B.json --out runs/scaling/gpus-$n.json
+            benchmarks/distributed_scaling.py --config configs/bench/deltanet-1.3B.json --out runs/scaling/gpus-$n.json
     done
 
 Calibration streams a fixed set of sequences (``--calib-tokens``), split over the ranks: its
@@ -58,7 +58,7 @@ def synchronize(device: torch.device) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=Path("configs/deltanet-1.3B.json"))
+    parser.add_argument("--config", type=Path, default=Path("configs/bench/deltanet-1.3B.json"))
     parser.add_argument("--out", type=Path, required=True, help="JSON results (written by rank 0)")
     parser.add_argument("--device", help="cpu or cuda (default: this rank's GPU if there is one)")
     parser.add_argument("--seq-len", type=int, default=2048)
