@@ -410,6 +410,8 @@ def _cmd_demo(args) -> int:
             )
             write_json(out / f"eval-{Path(str(model)).name}-{data}.json", result)
             scores[data] = result["ppl"]
+        result = api.evaluate(model, tasks=("recall",), device=args.device, seed=args.seed, progress=False)
+        write_json(out / f"eval-{Path(str(model)).name}-recall.json", result)
         return scores
 
     print(f"== info: {args.model}")
