@@ -46,6 +46,7 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as transformers_logging
 
 from staterank import api
 from staterank import evaluate as evaluation
@@ -79,14 +80,14 @@ SMOKE_MODEL = {
 }
 SMOKE_TRAIN = {"batch_size": 4, "seq_len": 64, "lr": 1e-2, "warmup_steps": 2, "val_tokens": 2048}
 SMOKE_DEFAULTS = {
-    "train_steps": 10,
+    "train_seconds": 1.0,
     "max_train_tokens": 16384,
     "eval_tokens": 1024,
     "eval_seq_len": 128,
     "eval_batch_size": 8,
     "recall_trials": 4,
-    "recall_distances": [16, 32],
-    "recall_items": [2, 4],
+    "recall_distances": [24],
+    "recall_items": [3],
     "calib_tokens": 512,
     "calib_seq_len": 128,
     "analysis_samples": 2,
@@ -97,6 +98,8 @@ SMOKE_DEFAULTS = {
     "device": "cpu",
 }
 
+#: float32 by default: effective rank counts singular values above 1e-4 of the largest, below bfloat16's precision.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PROBE_WARM_STEPS, PROBE_TIMED_STEPS = 3, 12  # training-speed probe: steps that compile, then steps timed
 
 
@@ -141,6 +144,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=TORCH_KERNEL_CHOICES,
         default="all",
         help="operations routed to PyTorch on every device (default: all, no Triton compilation)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="dtype of the trained models for analysis, pruning and evaluation (LoRA runs in finetune's own: "
+        "bfloat16 autocast on GPU); --kernels none needs bfloat16 (fla's chunk kernels refuse float32)",
     )
     parser.add_argument("--keep-models", action="store_true", help="keep the pruned and recovered models")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
@@ -196,6 +206,7 @@ class Run:
         recall = f", copy {row['copy_accuracy']:.3f}, kv {row['kv_accuracy']:.3f}"
         ppl = " / ".join(f"{row[key]:.2f}" for key in CORPORA.values())
         self.log(f"{row['model']} {row['method']} {row['ratio']} {row['stage']}: ppl {ppl}{recall}")
+        self.write()  # a run stopped mid-stage keeps every row it measured
 
     def write(self) -> None:
         self.results["total_seconds"] = round(time.perf_counter() - self.started, 1)
@@ -309,7 +320,7 @@ def train_model(run: Run, name: str, args: argparse.Namespace) -> Path:
 def measure(path: Path, args: argparse.Namespace) -> dict:
     """Perplexity on both corpora, the recall probe and the state bytes of the model in PATH."""
     start = time.perf_counter()
-    loaded = api.load_model(path, device=args.device)
+    loaded = api.load_model(path, device=args.device, dtype=DTYPES[args.dtype])
     row = {}
     for data, key in CORPORA.items():
         row[key] = api.evaluate(
@@ -353,6 +364,7 @@ def analyze_model(run: Run, name: str, trained: Path, args: argparse.Namespace) 
         seed=args.seed,
         batch_size=args.calib_batch_size,
         device=args.device,
+        dtype=DTYPES[args.dtype],
         overwrite=True,
         progress=False,
     )
@@ -392,6 +404,7 @@ def prune_and_measure(run: Run, name: str, trained: Path, method: str, ratio: fl
         seed=args.seed,
         batch_size=args.calib_batch_size,
         device=args.device,
+        dtype=DTYPES[args.dtype],
         overwrite=True,
         progress=False,
     )
@@ -533,7 +546,7 @@ def markdown(results: dict) -> str:
             f"## Recovery at ratio {options['recover_ratio']}: LoRA ({options['lora_steps']} steps of "
             f"{options['lora_batch_size']} × {options['lora_seq_len']} tokens), with and without distillation\n"
         )
-        header = ["model", "method", "stage", "ppl techdocs-val", "ppl wikitext-2", "copy", "kv", "fine-tune s"]
+        header = ["model", "method", "stage", "ppl techdocs-val", "ppl wikitext-2", "copy", "kv", "prune / fine-tune s"]
         table = [[r["model"], r["method"], r["stage"], *_ppl(r), *_recall(r), f"{r['seconds']:.0f}"] for r in recovery]
         parts.append(_table(header, table, right_from=3))
     if rows:
@@ -583,7 +596,7 @@ def _header(results: dict) -> str:
     return (
         f"# Reproduction at small scale\n\n`{results['command']}`\n\n"
         f"Device: {device['name']} ({device['type']}); {versions_text}; date {results['date']}; seed "
-        f"{results['seed']}; PyTorch kernels: {results['kernels']['torch_kernels']}; "
+        f"{results['seed']}; PyTorch kernels: {results['kernels']['torch_kernels']}; {options['dtype']}; "
         f"{results['total_seconds']:.0f} s in all{incomplete}.\n\n"
         f"Perplexity on the first {options['eval_tokens']:,} tokens of techdocs-val and of wikitext-2 test "
         f"({options['eval_seq_len']}-token windows); copy / kv: mean greedy accuracy of the recall probe, copying a "
@@ -636,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_output(args.out, args.overwrite)
     torch.manual_seed(args.seed)
+    transformers_logging.disable_progress_bar()  # one bar per saved model is noise in the progress lines
     set_kernels(args.kernels)
     run = Run(args, argv)
     run.log(f"device {run.results['device']['name']}, PyTorch kernels: {args.kernels}, models {', '.join(args.models)}")
