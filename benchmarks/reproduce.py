@@ -33,6 +33,7 @@ time budget holds whichever is chosen.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import shutil
@@ -52,7 +53,6 @@ from staterank import api
 from staterank import evaluate as evaluation
 from staterank.backends import use_torch_kernels
 from staterank.backends.patch import TORCH_KERNEL_CHOICES
-from staterank.finetune import finetune
 from staterank.io import atomic_file, check_output, write_json
 from staterank.loading import bundled_path, prepare_runtime
 from staterank.prune.channels import CHANNEL_CRITERIA
@@ -417,6 +417,8 @@ def prune_and_measure(run: Run, name: str, trained: Path, method: str, ratio: fl
 
 
 def recover(run: Run, name: str, trained: Path, pruned: Path, method: str, args) -> None:
+    from staterank.finetune import finetune  # imports PEFT, which main checks for first
+
     for teacher in (None, trained):
         stage = "lora+kd" if teacher else "lora"
         out = run.out / "models" / name / "recovered" / f"{method}-{args.recover_ratio}-{stage}"
@@ -644,9 +646,17 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+#: Packages the run needs at some stage, checked before the first: a missing one should not cost a training run.
+NEEDED = {"fla": "the models (flash-linear-attention)", "peft": "LoRA recovery", "matplotlib": "the analysis plots"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    missing = [f"{name} ({use})" for name, use in NEEDED.items() if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"missing package(s): {', '.join(missing)}; install them first", file=sys.stderr)
+        return 2
     check_output(args.out, args.overwrite)
     torch.manual_seed(args.seed)
     transformers_logging.disable_progress_bar()  # one bar per saved model is noise in the progress lines
