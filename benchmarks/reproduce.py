@@ -26,7 +26,7 @@ PyTorch implementation on every device, so nothing is compiled; ``delta_rule`` r
 only, ``none`` keeps fla's kernels (see ``staterank.backends``). Training speed is measured, not assumed: the
 time budget holds whichever is chosen.
 
-    python benchmarks/reproduce.py --train-data techdocs-train.jsonl.xz --out runs/reproduce   # one GPU
+    python benchmarks/reproduce.py --train-data techdocs-train.jsonl.xz --out runs/reproduce   # one GPU, ~8 min
     python benchmarks/reproduce.py --smoke --out /tmp/reproduce-smoke                         # CPU, seconds
 """
 
@@ -53,6 +53,7 @@ from staterank import api
 from staterank import evaluate as evaluation
 from staterank.backends import use_torch_kernels
 from staterank.backends.patch import TORCH_KERNEL_CHOICES
+from staterank.errors import StaterankError
 from staterank.io import atomic_file, check_output, write_json
 from staterank.loading import bundled_path, prepare_runtime
 from staterank.prune.channels import CHANNEL_CRITERIA
@@ -113,10 +114,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--train-data", default="techdocs", help="training corpus (data spec; default: the shipped excerpt)"
     )
     parser.add_argument("--tokenizer", default=str(bundled_path("tiny-deltanet")), help="tokenizer directory")
-    parser.add_argument("--train-seconds", type=float, default=60.0, help="training budget per model")
+    parser.add_argument("--train-seconds", type=float, default=50.0, help="training budget per model")
     parser.add_argument("--train-steps", type=int, help="a fixed number of training steps instead of a time budget")
     parser.add_argument("--max-train-tokens", type=int, help="use at most this many tokens of --train-data")
-    parser.add_argument("--eval-tokens", type=int, default=65536, help="tokens of each evaluation corpus")
+    parser.add_argument("--eval-tokens", type=int, default=32768, help="tokens of each evaluation corpus")
     parser.add_argument("--eval-seq-len", type=int, default=512)
     parser.add_argument("--eval-batch-size", type=int, default=32)
     parser.add_argument("--recall-trials", type=int, default=32)
@@ -135,7 +136,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recover-methods", nargs="*", choices=sorted(CHANNEL_CRITERIA), default=["rrqr", "l1"])
     parser.add_argument("--recover-ratio", type=float, default=0.5)
     parser.add_argument("--recover-data", default="techdocs", help="LoRA training corpus")
-    parser.add_argument("--lora-steps", type=int, default=150)
+    parser.add_argument("--lora-steps", type=int, default=50)
     parser.add_argument("--lora-batch-size", type=int, default=16)
     parser.add_argument("--lora-seq-len", type=int, default=512)
     parser.add_argument("--lora-lr", type=float, default=1e-3)
@@ -672,5 +673,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` with the staterank CLI's error contract: a user's mistake is one line and exit code 2."""
+    try:
+        return main(argv)
+    except StaterankError as error:
+        print(f"reproduce: error: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli())
