@@ -22,14 +22,7 @@ QUICK = {"batch_size": 8, "seq_len": 32, "max_train_tokens": 256, "lr": 3e-2, "w
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Models this small gain nothing from two threads, and on a busy 2-core machine the threads wait on
-    # each other for a scheduler slice at every operation (steps 100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
