@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from reference import tiny_config
 
@@ -107,3 +108,15 @@ def test_bench_says_which_decode_batch_fits_the_budget(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "decode batch 100000 does not fit" in err and "the largest batch" in err and len(err.splitlines()) == 1
+
+
+def test_static_decoder_refuses_a_growing_cache():
+    """Hybrid models keep a key/value cache that grows every token: no fixed-size step to capture."""
+    from transformers import AutoModelForCausalLM
+
+    from staterank.bench import BenchError, StaticDecoder
+
+    prepare_runtime("qwen3_next")
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_next", 64)).eval()
+    with torch.no_grad(), pytest.raises(BenchError, match="cache"):
+        StaticDecoder(model, torch.randint(0, 64, (1, 5)))
