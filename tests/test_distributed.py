@@ -158,24 +158,41 @@ def test_a_world_size_that_does_not_divide_the_batches_stops_every_rank(parallel
     assert not (parallel / "uneven").exists()
 
 
+def _launch_two_ranks(command_for_rank) -> list[tuple[int, str]]:
+    """Start two processes as ranks 0 and 1 of one run; returns (exit code, stderr) of each.
+
+    The port is free when chosen but may be taken before rank 0 binds it; such a launch is tried again.
+    """
+    for _ in range(3):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        processes = []
+        for rank in (0, 1):
+            env = _env(RANK=rank, WORLD_SIZE=2, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+            processes.append(subprocess.Popen(command_for_rank(rank), env=env, **pipes))
+        outcomes = []
+        for process in processes:
+            try:
+                _, stderr = process.communicate(timeout=TIMEOUT_S)
+            finally:
+                process.kill()
+            outcomes.append((process.returncode, stderr))
+        if not any("address already in use" in stderr.lower() for _, stderr in outcomes):
+            return outcomes
+    return outcomes
+
+
 def test_ranks_that_loaded_different_models_stop_with_exit_2(models, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    processes = []
-    for rank in (0, 1):
-        env = _env(RANK=rank, WORLD_SIZE=2, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        command = [sys.executable, "-m", "staterank", "evaluate", str(models[rank]), "--data", "techdocs-val",
-                   "--seq-len", "32", "--max-tokens", "256", "--batch-size", "4", "--device", "cpu",
-                   "--out", str(tmp_path / "e.json")]  # fmt: skip
-        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for process in processes:
-        try:
-            stdout, stderr = process.communicate(timeout=TIMEOUT_S)
-        finally:
-            process.kill()
+    def command(rank: int) -> list[str]:
+        return [sys.executable, "-m", "staterank", "evaluate", str(models[rank]), "--data", "techdocs-val",
+                "--seq-len", "32", "--max-tokens", "256", "--batch-size", "4", "--device", "cpu",
+                "--out", str(tmp_path / "e.json")]  # fmt: skip
+
+    for returncode, stderr in _launch_two_ranks(command):
         errors = [line for line in stderr.splitlines() if line.startswith("staterank")]
-        assert process.returncode == 2, stderr
+        assert returncode == 2, stderr
         assert len(errors) == 1 and "ranks disagree on the model" in errors[0], stderr
     assert not (tmp_path / "e.json").exists()
 
