@@ -133,27 +133,31 @@ def measure_bandwidth_bytes_per_s(device: torch.device, size_bytes: int = 2**30,
     return 2 * size_bytes / seconds
 
 
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters (a tied embedding counted once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def decode_bytes_per_step(model, state_bytes_per_seq: int, batch_size: int) -> int:
     """Bytes a decoding step must move at least: every weight read once (the input embedding only for its
     ``batch_size`` rows unless it is tied to the output layer) plus each sequence's state read and written."""
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     tied = output is not None and output.weight is embedding
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    read = weight_bytes(model)
     if not tied:
-        weight_bytes -= (embedding.shape[0] - batch_size) * embedding.shape[1] * embedding.element_size()
-    return weight_bytes + 2 * batch_size * state_bytes_per_seq
+        read -= (embedding.shape[0] - batch_size) * embedding.shape[1] * embedding.element_size()
+    return read + 2 * batch_size * state_bytes_per_seq
 
 
-def largest_batch(budget_bytes: int, weight_bytes: int, state_bytes_per_seq: int) -> int:
+def largest_batch(budget_bytes: int, model_bytes: int, state_bytes_per_seq: int) -> int:
     """How many sequences' states fit beside the weights in ``budget_bytes``."""
-    return max(0, (budget_bytes - weight_bytes) // state_bytes_per_seq)
+    return max(0, (budget_bytes - model_bytes) // state_bytes_per_seq)
 
 
 def _check_batches_fit(models: list[LoadedModel], names: list[str], batch_sizes, budget_bytes: int, where: str):
     for loaded, name in zip(models, names, strict=True):
-        weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
-        fits = largest_batch(budget_bytes, weight_bytes, loaded.adapter.state_bytes_per_seq())
+        fits = largest_batch(budget_bytes, weight_bytes(loaded.model), loaded.adapter.state_bytes_per_seq())
         too_large = [b for b in batch_sizes if b > fits]
         if too_large:
             raise BenchError(
@@ -237,7 +241,7 @@ def bench(
     for i, (loaded, name) in enumerate(zip(models, names, strict=True)):
         prefill_time = Timing.of(prefill[i])
         state_bytes = loaded.adapter.state_bytes_per_seq()
-        weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+        weights = weight_bytes(loaded.model)
         row = {
             "name": name,
             "prefill_tokens_per_s": batch_size * seq_len / prefill_time.median,
@@ -249,7 +253,7 @@ def bench(
             "decode_bound_ms_per_token": {},
             "peak_mem_bytes": peak.get(i),
             "state_bytes_per_seq": state_bytes,
-            "weight_bytes": weight_bytes,
+            "weight_bytes": weights,
         }
         for b in decode_batch_sizes:
             # the prompt's prefill is part of each run; at 16 tokens it is small next to decode_steps steps
@@ -263,7 +267,7 @@ def bench(
             bound_bytes = decode_bytes_per_step(loaded.model, state_bytes, b)
             row["decode_bound_ms_per_token"][str(b)] = 1000 * bound_bytes / bandwidth
         if memory_budget_bytes is not None:
-            row["max_batch_in_budget"] = largest_batch(memory_budget_bytes, weight_bytes, state_bytes)
+            row["max_batch_in_budget"] = largest_batch(memory_budget_bytes, weights, state_bytes)
         rows.append(row)
 
     graphed_any = rows[0]["decode_graph_ms_per_token"] is not None

@@ -34,10 +34,6 @@ def token_nll(model, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")
 
 
-def _device(model) -> torch.device:
-    return input_device(model)
-
-
 @torch.no_grad()
 def perplexity(
     loaded: LoadedModel,
@@ -68,7 +64,7 @@ def perplexity(
     step = seq_len if stride is None else stride
     scored = min(step, seq_len - 1)  # tokens a window after the first one scores
     model = loaded.model
-    device = _device(model)
+    device = input_device(model)
     sequences = windows(token_stream(data, loaded.tokenizer, max_tokens=max_tokens), seq_len, step)
     nll_sum, tokens = 0.0, 0
     start = time.perf_counter()
@@ -132,7 +128,7 @@ def ppl_by_position(
     """
     edges = position_buckets(seq_len, buckets)
     model = loaded.model
-    device = _device(model)
+    device = input_device(model)
     sequences = windows(token_stream(data, loaded.tokenizer, max_tokens=max_tokens), seq_len, seq_len)
     nll_by_position = torch.zeros(seq_len - 1, dtype=torch.float64)  # index t - 1 for position t
     batches = distributed.shard_batches(sequences, batch_size, "evaluation")
@@ -182,7 +178,7 @@ def _distinct(vocab: torch.Tensor, trials: int, n: int, generator: torch.Generat
 @torch.no_grad()
 def _accuracy(model, inputs: torch.Tensor, positions: torch.Tensor, batch_size: int) -> float:
     """Share of ``positions`` [P] at which the argmax of the logits is the next token, over inputs [N, T]."""
-    device = _device(model)
+    device = input_device(model)
     correct = 0
     for batch in iterate_batches(inputs, batch_size):
         batch = batch.to(device)
