@@ -51,7 +51,6 @@ from transformers.utils import logging as transformers_logging
 
 from staterank import api
 from staterank import evaluate as evaluation
-from staterank.backends import use_torch_kernels
 from staterank.backends.patch import TORCH_KERNEL_CHOICES
 from staterank.errors import StaterankError
 from staterank.io import atomic_file, check_output, write_json
@@ -233,10 +232,9 @@ def versions() -> dict:
 
 
 def set_kernels(choice: str) -> None:
-    """Route the chosen operations to PyTorch for the whole run (loading re-reads the variable)."""
+    """Route the chosen operations to PyTorch for the whole run (installing the backends reads the variable)."""
     os.environ["STATERANK_TORCH_KERNELS"] = choice
     prepare_runtime("delta_net")  # imports fla and installs the backends
-    use_torch_kernels(choice)
 
 
 def write_config(name: str, args: argparse.Namespace) -> Path:
