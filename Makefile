@@ -1,11 +1,17 @@
-# Two entry points: `make demo` and `make test`. Each sets up .venv first if needed.
-# A torch that is already importable (e.g. your CUDA build) is kept; otherwise torch 2.13.0 is installed.
+# Two entry points: `make demo` and `make test`. Each sets up .venv first if needed, from the lock
+# (constraints.txt: the versions the suite passed with). A torch that is already importable (e.g. your
+# CUDA build) is kept; otherwise the locked torch (CPU build) is installed.
+# `make test-latest` runs the suite against the newest releases instead, in .venv-latest.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := constraints.txt
+LATEST := .venv-latest
+# test-latest: packages to try on top, past pyproject's upper bounds, e.g. TRY='transformers==5.24.0'
+TRY ?=
 
-.PHONY: demo test setup lint clean
+.PHONY: demo test test-latest setup lock lint clean
 
 demo: $(STAMP)
 	$(BIN)/staterank demo
@@ -15,14 +21,39 @@ test: $(STAMP)
 
 setup: $(STAMP)
 
+# torch and triton come from the lock only where setup installs torch itself; an existing torch keeps its triton.
+$(STAMP): pyproject.toml $(LOCK)
+	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+	if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		grep -vE '^(torch|triton)==' $(LOCK) > $(VENV)/constraints.txt; \
+	else \
+		$(BIN)/python -m pip install $$(grep -E '^(torch|triton)==' $(LOCK)) && cp $(LOCK) $(VENV)/constraints.txt; \
+	fi
+	$(BIN)/python -m pip install -c $(VENV)/constraints.txt -e ".[fla,dev]"
+	touch $(STAMP)
+
+# The newest releases within pyproject's ranges (torch stays at the locked build: a newer one is a CUDA download).
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv --system-site-packages $(LATEST)
+	grep -E '^torch==' $(LOCK) > $(LATEST)/torch.txt
+	$(LATEST)/bin/python -c "import torch" 2>/dev/null || $(LATEST)/bin/python -m pip install -c $(LATEST)/torch.txt torch
+	$(LATEST)/bin/python -m pip install -c $(LATEST)/torch.txt --upgrade --upgrade-strategy eager -e ".[fla,dev]"
+	test -z "$(TRY)" || $(LATEST)/bin/python -m pip install -c $(LATEST)/torch.txt --upgrade $(TRY)
+	$(LATEST)/bin/python -m pip freeze --exclude-editable | grep -iE '^(transformers|flash-linear-attention|fla-core|peft|accelerate|tokenizers|triton|lm.eval)=='
+	$(LATEST)/bin/python -m pytest
+
+# Rewrite the lock: resolve the newest releases within pyproject's ranges in a clean environment (no system
+# packages), keeping the locked torch. Run `make test` on the result before committing it.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	grep -E '^torch==' $(LOCK) > .venv-lock/torch.txt
+	.venv-lock/bin/python -m pip install -c .venv-lock/torch.txt torch
+	.venv-lock/bin/python -m pip install -c .venv-lock/torch.txt -e ".[fla,dev]" $(TRY)
+	{ grep '^#' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable | sed 's/^\(torch==[^+]*\)+.*/\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install "torch==2.13.0"
-	$(BIN)/python -m pip install -e ".[fla,dev]"
-	touch $(STAMP)
-
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LATEST) runs

@@ -42,7 +42,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -172,7 +172,7 @@ class Run:
         self.results: dict = {
             "complete": False,
             "command": "python benchmarks/reproduce.py " + " ".join(argv),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "seed": args.seed,
             "device": device_record(args.device),
             "versions": versions(),

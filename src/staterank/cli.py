@@ -12,9 +12,10 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
-from staterank.errors import StaterankError
+from staterank.errors import StaterankError, StaterankWarning
 
 #: The commands that run data-parallel under torchrun; the others run in one process.
 PARALLEL_COMMANDS = ("prune", "analyze", "evaluate", "finetune")
@@ -531,8 +532,30 @@ def _run(args) -> int:
         return COMMANDS[args.command](args)
 
 
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    if issubclass(category, StaterankWarning):
+        return f"staterank: warning: {message}\n"
+    return _FORMAT_WARNING(message, category, filename, lineno, line)
+
+
+_FORMAT_WARNING = warnings.formatwarning
+
+
+def _quiet_third_party(debug: bool) -> None:
+    """Show staterank's own warnings as one line each; third-party warnings and logs only with --debug."""
+    warnings.formatwarning = _one_line
+    if debug:
+        return
+    warnings.simplefilter("ignore")
+    warnings.simplefilter("default", StaterankWarning)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_third_party(args.debug)
     try:
         return _run(args)
     except StaterankError as e:

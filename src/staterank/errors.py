@@ -19,3 +19,7 @@ class DataError(StaterankError):
 
 class OutputExistsError(StaterankError):
     """An output path that exists while --overwrite was not given."""
+
+
+class StaterankWarning(UserWarning):
+    """Something the user should know that does not stop the run. The CLI prints it on one line."""

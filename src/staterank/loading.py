@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
+from staterank.compat import warn_fla_generate
 from staterank.errors import ModelLoadError, UnsupportedModelError
 from staterank.models import ADAPTERS, ModelAdapter, adapter_for, supported_families
 
@@ -149,6 +150,8 @@ def load(
                 "not support; use more GPUs or a smaller dtype so that every layer sits on a device"
             )
     loaded.eval()
+    if config["model_type"] in FLA_MODEL_TYPES:
+        warn_fla_generate(type(loaded))
     return LoadedModel(loaded, tokenizer, adapter_for(loaded), path)
 
 

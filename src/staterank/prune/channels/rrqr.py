@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from staterank.errors import StaterankWarning
 from staterank.prune.channels.base import ChannelCriterion, ChannelSelection, CriterionError, as_float64, register
 from staterank.rrqr import gram_factor, strong_rrqr
 
@@ -52,6 +53,7 @@ class RRQRCriterion(ChannelCriterion):
                 warnings.warn(
                     f"layer {stats.layer}, head {head}: strong RRQR stopped after {info.swaps} swaps with a "
                     f"determinant ratio of {info.max_ratio:.3g} > f = {self.f}; the selection is not certified strong",
+                    StaterankWarning,
                     stacklevel=2,
                 )
             index.append(perm[:keep].sort().values)
