@@ -13,7 +13,7 @@ import argparse
 import json
 
 from staterank import api
-from staterank.prune.heads import HEAD_CRITERIA, get_head_criterion, prune_heads
+from staterank.prune.heads import HEAD_CRITERIA, HeadCriterionError, get_head_criterion, prune_heads
 
 
 def main() -> int:
@@ -47,16 +47,21 @@ def main() -> int:
         for ratio in args.ratios:
             for method in args.methods:
                 loaded = api.load_model(name, device="cpu")
-                result = prune_heads(
-                    loaded,
-                    get_head_criterion(method),
-                    ratio,
-                    data="techdocs",
-                    calib_tokens=args.calib_tokens,
-                    seq_len=2048,
-                    seed=args.seed,
-                    progress=False,
-                )
+                try:
+                    result = prune_heads(
+                        loaded,
+                        get_head_criterion(method),
+                        ratio,
+                        data="techdocs",
+                        calib_tokens=args.calib_tokens,
+                        seq_len=2048,
+                        seed=args.seed,
+                        progress=False,
+                    )
+                except HeadCriterionError as refusal:  # a ratio the layers cannot honour: recorded, not run
+                    rows.append({"model": name, "method": method, "ratio": ratio, "refused": str(refusal)})
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
                 evaluation = api.evaluate(
                     loaded, "techdocs-val", seq_len=512, max_tokens=args.eval_tokens, progress=False
                 )
@@ -66,6 +71,7 @@ def main() -> int:
                         "method": method,
                         "ratio": ratio,
                         "heads_removed_per_layer": len(next(iter(result.removed.values()))),
+                        "kept_ratio": result.kept_ratio,
                         "removed": result.removed,
                         "state_bytes": loaded.adapter.state_bytes_per_seq(),
                         "ppl": evaluation["ppl"],

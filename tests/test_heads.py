@@ -54,28 +54,74 @@ def test_saturation_score_by_hand():
 def test_which_heads_go():
     plain = {0: LayerShape(0, 4, 4, 8, 8), 1: LayerShape(1, 4, 4, 8, 8)}
     scores = {0: torch.tensor([0.1, 0.9, 0.5, 0.7]), 1: torch.tensor([0.8, 0.2, 0.3, 0.4])}
-    assert heads_to_remove(plain, scores, 0.5) == {0: [1, 3], 1: [0, 3]}
-    assert heads_to_remove(plain, scores, 0.5, remove_lowest=True) == {0: [0, 2], 1: [1, 2]}
-    assert heads_to_remove(plain, scores, 0.0) == {0: [], 1: []}
+    assert heads_to_remove(plain, scores, 0.5) == ({0: [1, 3], 1: [0, 3]}, "head")
+    assert heads_to_remove(plain, scores, 0.5, remove_lowest=True) == ({0: [0, 2], 1: [1, 2]}, "head")
+    assert heads_to_remove(plain, scores, 0.0)[0] == {0: [], 1: []}
+    assert heads_to_remove(plain, scores, 0.3)[0] == {0: [1], 1: [0]}  # 1 of 4 = 0.25, within a quarter of 0.3
     grouped = {0: LayerShape(0, 2, 4, 8, 8)}  # value heads 0, 1 read key head 0; 2, 3 read key head 1
-    assert heads_to_remove(grouped, {0: torch.tensor([0.9, 0.8, 0.7, 0.1])}, 0.5) == {0: [0, 2]}
+    assert heads_to_remove(grouped, {0: torch.tensor([0.9, 0.8, 0.7, 0.1])}, 0.5) == ({0: [0, 2]}, "value_head")
     with pytest.raises(Exception, match="every head"):
-        heads_to_remove(plain, scores, 0.9)
-    with pytest.raises(Exception, match="less than one"):
+        heads_to_remove(plain, scores, 0.9)  # 4 of 4
+    with pytest.raises(Exception, match="ratios that work are 0.25, 0.5, 0.75"):
+        heads_to_remove(plain, scores, 0.1)  # the nearest count is 0: nothing would go
+    with pytest.raises(Exception, match="cannot be honoured"):
         heads_to_remove(grouped, {0: torch.zeros(4)}, 0.2)
     with pytest.raises(Exception, match="ratio"):
         heads_to_remove(plain, scores, 1.0)
 
 
-@pytest.mark.parametrize("model_type", ["delta_net", "gated_deltanet", "qwen3_next"])
+def test_the_tolerance_and_the_global_hint():
+    plain = {0: LayerShape(0, 4, 4, 8, 8), 1: LayerShape(1, 4, 4, 8, 8)}
+    scores = {0: torch.zeros(4), 1: torch.zeros(4)}
+    assert heads_to_remove(plain, scores, 0.45)[0] == {0: [0, 1], 1: [0, 1]}  # 0.5: 11% off
+    with pytest.raises(Exception, match="0.25, 0.5, 0.75") as refused:
+        heads_to_remove(plain, scores, 0.375)  # nearest 2 of 4 = 0.5 (33% off) or 1 of 4 = 0.25 (33% off)
+    assert "--scope global ranks all 8 heads" in str(refused.value)  # 3 of 8 = 0.375 exactly
+    two = {layer: LayerShape(layer, 2, 2, 8, 8) for layer in range(4)}  # tiny-gated-deltanet's layout
+    with pytest.raises(Exception, match="layer 0 has 2 heads, so per layer the ratios that work are 0.5; --scope"):
+        heads_to_remove(two, {layer: torch.zeros(2) for layer in two}, 0.25)
+    assert sum(map(len, heads_to_remove_globally(two, {layer: torch.zeros(2) for layer in two}, 0.25).values())) == 2
+    with pytest.raises(Exception, match="the model has 8 heads"):
+        heads_to_remove_globally(two, {layer: torch.zeros(2) for layer in two}, 0.05)  # nearest count 0
+
+
+def test_whole_key_heads_go_where_value_heads_cannot():
+    """16 key heads x 2 value heads (Qwen3-Next): 25% is 0.5 value head per key head, but 4 whole key heads."""
+    shape = LayerShape(0, 16, 32, 8, 8)
+    scores = torch.rand(32, generator=torch.Generator().manual_seed(0))
+    removed, unit = heads_to_remove({0: shape}, {0: scores}, 0.25)
+    assert unit == "key_head" and len(removed[0]) == 8
+    # Independently: the mean score of each key head's two value heads, the four highest go with both value heads.
+    means = [(scores[2 * key] + scores[2 * key + 1]) / 2 for key in range(16)]
+    keys = sorted(range(16), key=lambda key: -means[key])[:4]
+    assert removed[0] == sorted(h for key in keys for h in (2 * key, 2 * key + 1))
+    assert heads_to_remove({0: shape}, {0: scores}, 0.5)[1] == "value_head"  # both exact: the finer unit
+    assert heads_to_remove({0: shape}, {0: scores}, 0.5, unit="key")[1] == "key_head"
+    with pytest.raises(Exception, match="value heads of every key head"):
+        heads_to_remove({0: shape}, {0: scores}, 0.25, unit="value")
+
+
+@pytest.mark.parametrize(
+    ("model_type", "unit"),
+    [("delta_net", "auto"), ("gated_deltanet", "auto"), ("qwen3_next", "auto"), ("gated_deltanet", "key"),
+     ("qwen3_next", "key")],
+)
 @pytest.mark.parametrize("method", ["jrnp", "heads-random"])
-def test_removed_heads_equal_masked_heads_and_reload(model_type, method, tokenizer, tmp_path):
+def test_removed_heads_equal_masked_heads_and_reload(model_type, unit, method, tokenizer, tmp_path):
     source = save_tiny(tmp_path / "source", model_type, tokenizer)
     ratio = 0.5
     report = api.prune(source, method, ratio, tmp_path / "out", data="techdocs", calib_tokens=256, seq_len=64,
-                       progress=False)
+                       unit=unit, progress=False)
     saved = json.loads((tmp_path / "out" / "pruning.json").read_text())
     assert saved["removed"] == report["removed"] and saved["state_bytes_after"] < saved["state_bytes_before"]
+    assert saved["kept_ratio"] == 0.5 and saved["ratio"] == 0.5
+    grouped = model_type != "delta_net"
+    assert saved["unit"] == {"auto": "value_head" if grouped else "head", "key": "key_head"}[unit]
+    if unit == "key":  # one of the two key heads goes with both its value heads: the one with the higher mean
+        for layer, scores in saved["scores"].items():
+            first, second = sum(scores[:2]), sum(scores[2:])  # key head 0 serves value heads 0, 1; key head 1: 2, 3
+            higher = [0, 1] if first > second else [2, 3]
+            assert first == second or saved["removed"][layer] == higher
 
     # The original with the removed heads' outputs masked to zero (their out-projection columns) is the pruned model.
     reference = AutoModelForCausalLM.from_pretrained(source).eval()
@@ -110,7 +156,8 @@ def test_bad_input_writes_nothing(tokenizer, tmp_path, capsys):
     for extra, message in [
         (["--method", "jrnp", "--ratio", "1.2"], "ratio"),
         (["--method", "jrnp", "--ratio", "0.9"], "every head"),
-        (["--method", "jrnp", "--ratio", "0.2"], "less than one"),
+        (["--method", "jrnp", "--ratio", "0.2"], "cannot be honoured"),
+        (["--method", "jrnp", "--ratio", "0.5", "--unit", "key", "--scope", "global"], "--unit"),
         (["--method", "jrnp", "--ratio", "0.5", "--scope", "global"], "global"),
         (["--method", "jrnp", "--ratio", "0.5", "--alpha", "2"], "alpha"),
     ]:

@@ -66,9 +66,13 @@ def test_kept_dim_and_alignment():
     assert kept_dim(128, 0.5) == 64
     assert kept_dim(128, 0.3, align=1) == 89  # floor(89.6)
     assert kept_dim(128, 0.3, align=16) == 80
-    assert kept_dim(128, 0.3) == 80  # the default alignment, 16
+    # The default rounds down to 16, else 8, only where that drops at most 5% of d_k beyond the floor:
+    assert kept_dim(128, 0.6) == 48  # floor(51.2) = 51 -> 48 costs 3 channels (2.3% of 128)
+    assert kept_dim(128, 0.3) == 88  # 89 -> 80 would cost 9 (7%); 89 -> 88 costs 1
+    assert kept_dim(64, 0.6) == 24  # 25 -> 16 would remove 75% where 60% was asked; 25 -> 24
+    assert kept_dim(16, 0.25) == 12  # 12 -> 8 would cost 4 of 16: unaligned
     assert kept_dim(100, 0.0) == 100  # ratio 0 keeps every channel, aligned or not
-    assert kept_dim(16, 0.5) == 8  # heads too small for the default alignment stay unaligned
+    assert kept_dim(16, 0.5) == 8
     for ratio in (-0.1, 1.0, 1.5):
         with pytest.raises(Exception, match="ratio"):
             kept_dim(128, ratio)
@@ -174,6 +178,23 @@ def test_bad_input_writes_nothing(deltanet_dir, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(base + ["--method", "l1", "--ratio", "0.5", "--overwrite"]) == 0
     assert (out / "pruning.json").exists()
+
+
+def test_a_ratio_the_alignment_changes_says_requested_and_actual(tmp_path, capsys):
+    """tiny-deltanet has d_k 64: ratio 0.6 asks for floor(25.6) = 25 channels, the default alignment keeps 24."""
+    out = tmp_path / "out"
+    assert main(["prune", "tiny-deltanet", "--method", "l1", "--ratio", "0.6", "--out", str(out)]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "d_k 64 -> 24 per head (floor(d_k (1 - ratio)) = 25, aligned to 8)" in line
+    assert "requested ratio 0.6, actual 0.625" in line
+    saved = json.loads((out / "pruning.json").read_text())
+    assert (saved["ratio"], saved["kept_ratio"], saved["align"], saved["unit"]) == (0.6, 1 - 24 / 64, 8, "channel")
+    assert AutoModelForCausalLM.from_pretrained(out).model.layers[0].attn.q_proj.out_features == 4 * 24  # 4 heads
+    assert all(len(channels) == 24 for layer in saved["kept"].values() for channels in layer.values())
+    assert main(["prune", "tiny-deltanet", "--method", "l1", "--ratio", "0.5", "--out", str(out), "--overwrite"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "d_k 64 -> 32 per head," in line and "requested" not in line  # exact: nothing to say
+    assert json.loads((out / "pruning.json").read_text())["kept_ratio"] == 0.5
 
 
 def test_nan_features_name_the_layer_and_head(deltanet_dir, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Q/K channel pruning: calibrate, let a criterion choose channels per head, cut the model.
 
 Every linear-attention layer keeps d_k' = floor(d_k * (1 - ratio)) channels per key head (rounded
-down to a multiple of ``align``), the same channels for q and k, so the result is a smaller valid
+down to a multiple of ``align``; by default 16 or 8 where that costs at most 5% of d_k), the same
+channels for q and k, so the result is a smaller valid
 configuration that the stock model classes and the fused kernels run.
 
 Removing channels changes nothing but the query scale: the kernels multiply the L2-normalised
@@ -30,24 +31,45 @@ class PruningOptionError(StaterankError):
     """A ratio, alignment or method option that cannot be applied."""
 
 
-#: The default alignment. On an H100, fla 0.6.0's kernels accept any d_k, but a d_k that is not a
-#: multiple of 16 runs about as slowly as the next multiple of 16 above it (docs/RESULTS.md).
-DEFAULT_ALIGN = 16
+#: Alignments the default tries, largest first. On an H100, fla 0.6.0's kernels accept any d_k, but a
+#: d_k that is not a multiple of 16 runs about as slowly as the next multiple of 16 above it (docs/RESULTS.md).
+DEFAULT_ALIGNS = (16, 8)
+#: The default rounds down only while that costs at most this fraction of d_k beyond floor(d_k (1 - ratio)).
+ALIGN_SLACK = 0.05
+
+
+def default_align(head_k_dim: int, kept: int) -> int:
+    """The largest of DEFAULT_ALIGNS whose rounding drops at most ALIGN_SLACK * d_k more channels, else 1.
+
+    d_k 128 at ratio 0.6 keeps floor(51.2) = 51 -> 48 (16-aligned); d_k 64 at ratio 0.6 keeps 25 -> 24
+    (8-aligned: rounding to 16 would remove 75% where 60% was asked); d_k 16 at ratio 0.25 keeps 12.
+    """
+    if kept >= head_k_dim:
+        return 1
+    for align in DEFAULT_ALIGNS:
+        aligned = kept // align * align
+        if aligned >= 1 and kept - aligned <= ALIGN_SLACK * head_k_dim:
+            return align
+    return 1
+
+
+def requested_dim(head_k_dim: int, ratio: float) -> int:
+    """floor(d_k * (1 - ratio)): the channels per head that the ratio asks to keep."""
+    if not 0 <= ratio < 1:
+        raise PruningOptionError(f"--ratio must be in [0, 1), got {ratio}")
+    return math.floor(head_k_dim * (1 - ratio) + 1e-9)
 
 
 def kept_dim(head_k_dim: int, ratio: float, align: int | None = None) -> int:
     """Channels kept per head: floor(d_k * (1 - ratio)), rounded down to a multiple of ``align``.
 
-    ``align=None`` rounds to :data:`DEFAULT_ALIGN` when that keeps at least one multiple of it
-    (and the full d_k when ratio is 0), and leaves tiny heads unaligned otherwise.
+    ``align=None`` takes :func:`default_align`: 16 or 8 where that costs little, unaligned otherwise.
     """
-    if not 0 <= ratio < 1:
-        raise PruningOptionError(f"--ratio must be in [0, 1), got {ratio}")
     if align is not None and align < 1:
         raise PruningOptionError(f"--align must be a positive integer, got {align}")
-    kept = math.floor(head_k_dim * (1 - ratio) + 1e-9)
+    kept = requested_dim(head_k_dim, ratio)
     if align is None:
-        align = DEFAULT_ALIGN if kept >= DEFAULT_ALIGN and kept < head_k_dim else 1
+        align = default_align(head_k_dim, kept)
     kept = kept // align * align
     if kept < 1:
         raise PruningOptionError(
@@ -65,6 +87,8 @@ class ChannelPruningResult:
     head_k_dim_after: int
     calibration: Calibration | None
     seconds: float
+    requested_k_dim: int  # floor(d_k (1 - ratio)), before alignment
+    align: int  # the alignment applied (the default's choice where none was given)
     rotated: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -144,5 +168,7 @@ def prune_channels(
         head_k_dim_after=new_dim,
         calibration=calibration,
         seconds=time.perf_counter() - start,
+        requested_k_dim=requested_dim(head_k_dim, ratio),
+        align=align if align is not None else default_align(head_k_dim, requested_dim(head_k_dim, ratio)),
         rotated=bool(rotations),
     )

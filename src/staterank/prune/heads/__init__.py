@@ -1,10 +1,12 @@
 """Head pruning: remove whole linear-attention heads whose states saturate (JRNP) and its ablations.
 
-The removable unit is a value head, i.e. one recurrent state. Without grouping (DeltaNet, Gated
-DeltaNet with num_v_heads == num_heads) a value head goes with its key head. With grouped value
-heads (Qwen3-Next, Qwen3.5, grouped Gated DeltaNet) every key head must keep the same number of
-value heads, so the same number, round(ratio * group size), is removed from every group: the
-highest-scoring ones of each group.
+Without grouping (DeltaNet, Gated DeltaNet with num_v_heads == num_heads) the removable unit is a
+head: its value state goes with its key head. With grouped value heads (Qwen3-Next, Qwen3.5,
+grouped Gated DeltaNet) every key head must keep the same number of value heads, so the unit is
+either a value head, the same number removed from every group (the highest-scoring of each), or a
+whole key head with all its value heads (scored by their mean); the one closest to the ratio wins.
+The count is the whole number nearest to ratio x units; a ratio that removes nothing or misses by
+more than TOLERANCE (relative) is refused with the ratios that work, never silently changed.
 
     criterion = get_head_criterion("jrnp", alpha=0.5)
     result = prune_heads(loaded, criterion, ratio=0.2, data="techdocs")
@@ -12,6 +14,7 @@ highest-scoring ones of each group.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, fields
 
@@ -32,6 +35,7 @@ __all__ = [
     "get_head_criterion",
     "heads_to_remove",
     "heads_to_remove_globally",
+    "UNITS",
     "prune_heads",
     "register",
 ]
@@ -47,52 +51,138 @@ def get_head_criterion(name: str, **options) -> HeadCriterion:
     return cls(**options)
 
 
+#: How far (relative) the fraction of heads actually removed may be from the requested ratio.
+TOLERANCE = 0.25
+#: The removable units: ``"auto"`` takes whichever of the two comes closest to the ratio.
+UNITS = ("auto", "value", "key")
+
+
 @dataclass
 class HeadPruningResult:
     removed: dict[int, list[int]]  # layer -> removed value heads
     scores: dict[int, list[float]]  # layer -> score of every value head
     profile_tokens: int
     seconds: float
+    unit: str  # "head" (one value head per key head), "value_head" or "key_head" (with all its value heads)
+    kept_ratio: float  # the fraction of value heads actually removed
+
+
+def nearest_count(ratio: float, units: int) -> int:
+    """The whole number of ``units`` nearest to ``ratio * units``; a tie goes to the smaller."""
+    return math.ceil(ratio * units - 0.5 - 1e-9)
+
+
+def honoured(ratio: float, count: int, units: int) -> bool:
+    """Whether removing ``count`` of ``units`` removes something and stays within TOLERANCE of ``ratio``."""
+    return 0 < count < units and abs(count / units - ratio) <= TOLERANCE * ratio + 1e-9
+
+
+def _fractions(units: int) -> str:
+    """The ratios that remove a whole number of ``units``: '0.25, 0.5, 0.75' or 'multiples of 1/16 (0.0625)'."""
+    if units <= 8:
+        return ", ".join(f"{k / units:.3g}" for k in range(1, units))
+    return f"multiples of 1/{units} ({1 / units:.3g})"
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0 <= ratio < 1:
+        raise HeadCriterionError(f"--ratio must be in [0, 1), got {ratio}")
+
+
+def _candidates(shape: LayerShape, ratio: float, unit: str) -> list[tuple[str, int, int]]:
+    """The (unit, count, units) that could carry ``ratio`` in one layer: the nearest count of each unit."""
+    if shape.group_size == 1:
+        candidates = [("head", nearest_count(ratio, shape.num_v_heads), shape.num_v_heads)]
+    else:
+        candidates = []
+        if unit in ("auto", "value"):
+            candidates.append(("value_head", nearest_count(ratio, shape.group_size), shape.group_size))
+        if unit in ("auto", "key"):
+            candidates.append(("key_head", nearest_count(ratio, shape.num_k_heads), shape.num_k_heads))
+    return candidates
+
+
+def _global_hint(shapes: dict[int, LayerShape], ratio: float) -> str:
+    """Where ranking all heads together would honour ``ratio``, say so."""
+    total = sum(shape.num_v_heads for shape in shapes.values())
+    grouped = any(shape.group_size > 1 for shape in shapes.values())
+    count = nearest_count(ratio, total)
+    removable = total - len(shapes)  # every layer keeps a head
+    if grouped or not honoured(ratio, count, total) or count > removable:
+        return ""
+    return f"; --scope global ranks all {total} heads of the model together and honours it"
+
+
+def _refusal(shape: LayerShape, ratio: float, unit: str, scope_hint: str) -> str:
+    if shape.group_size == 1:
+        heads = shape.num_v_heads
+        what = f"layer {shape.layer} has {heads} heads, so per layer the ratios that work are {_fractions(heads)}"
+    else:
+        options = []
+        if unit in ("auto", "value"):
+            group = shape.group_size
+            options.append(f"{_fractions(group)} of the {group} value heads of every key head")
+        if unit in ("auto", "key"):
+            keys = shape.num_k_heads
+            options.append(f"{_fractions(keys)} of the {keys} key heads (with their value heads)")
+        what = f"layer {shape.layer} groups value heads, so the ratios that work are " + ", or ".join(options)
+    return f"--ratio {ratio} cannot be honoured: {what}{scope_hint}"
 
 
 def heads_to_remove(
-    shapes: dict[int, LayerShape], scores: dict[int, torch.Tensor], ratio: float, remove_lowest: bool = False
-) -> dict[int, list[int]]:
-    """Per layer, the value heads to remove: the same number in every layer (and in every key group)."""
-    if not 0 <= ratio < 1:
-        raise HeadCriterionError(f"--ratio must be in [0, 1), got {ratio}")
-    removed = {}
+    shapes: dict[int, LayerShape],
+    scores: dict[int, torch.Tensor],
+    ratio: float,
+    remove_lowest: bool = False,
+    unit: str = "auto",
+) -> tuple[dict[int, list[int]], str]:
+    """Per layer, the value heads to remove (the same number in every layer), and the unit removed.
+
+    Without grouping a unit is a head. With grouped value heads it is either a value head (the
+    same number from every key head: the highest-scoring of each group) or a whole key head with
+    all its value heads (scored by their mean); ``unit="auto"`` takes the one whose fraction comes
+    closest to ``ratio``. A ratio that removes nothing, or whose nearest whole count is more than
+    TOLERANCE (relative) away, is refused with the ratios that work.
+    """
+    _check_ratio(ratio)
+    if unit not in UNITS:
+        raise HeadCriterionError(f"--unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    removed: dict[int, list[int]] = {}
+    chosen_units = set()
     for layer, shape in shapes.items():
-        order = torch.argsort(scores[layer], descending=not remove_lowest, stable=True)  # removal order
-        if shape.group_size == 1:
-            count = round(ratio * shape.num_v_heads)
-            if count >= shape.num_v_heads:
-                raise HeadCriterionError(f"ratio {ratio} removes every head of layer {layer}")
-            removed[layer] = sorted(order[:count].tolist())
+        if ratio == 0:
+            removed[layer] = []
             continue
-        per_group = round(ratio * shape.group_size)
-        if ratio > 0 and per_group == 0:
-            raise HeadCriterionError(
-                f"layer {layer}: ratio {ratio} removes less than one of the {shape.group_size} value heads per key "
-                f"head; with grouped heads the ratio must remove a whole number per group (multiples of "
-                f"{1 / shape.group_size:.3g})"
-            )
-        if per_group >= shape.group_size:
+        candidates = _candidates(shape, ratio, unit)
+        if all(count >= units for _, count, units in candidates):
             raise HeadCriterionError(f"ratio {ratio} removes every head of layer {layer}")
-        chosen = []
-        for group in range(shape.num_k_heads):
-            members = [h for h in order.tolist() if shape.key_head_of(h) == group]
-            chosen += members[:per_group]
-        removed[layer] = sorted(chosen)
-    return removed
+        fits = sorted(
+            (c for c in candidates if honoured(ratio, c[1], c[2])), key=lambda c: abs(c[1] / c[2] - ratio)
+        )  # stable: value heads before key heads on a tie
+        if not fits:
+            raise HeadCriterionError(_refusal(shape, ratio, unit, _global_hint(shapes, ratio)))
+        kind, count, _ = fits[0]
+        chosen_units.add(kind)
+        order = torch.argsort(scores[layer], descending=not remove_lowest, stable=True).tolist()  # removal order
+        if kind == "head":
+            removed[layer] = sorted(order[:count])
+        elif kind == "value_head":
+            groups = [[h for h in order if shape.key_head_of(h) == group] for group in range(shape.num_k_heads)]
+            removed[layer] = sorted(h for members in groups for h in members[:count])
+        else:
+            members = torch.arange(shape.num_v_heads).reshape(shape.num_k_heads, shape.group_size)
+            key_scores = scores[layer].double()[members].mean(1)  # [num_k_heads]
+            keys = torch.argsort(key_scores, descending=not remove_lowest, stable=True)[:count]
+            removed[layer] = sorted(members[keys].reshape(-1).tolist())
+    return removed, (chosen_units.pop() if len(chosen_units) == 1 else "head" if not chosen_units else "mixed")
 
 
 def heads_to_remove_globally(
     shapes: dict[int, LayerShape], scores: dict[int, torch.Tensor], ratio: float, remove_lowest: bool = False
 ) -> dict[int, list[int]]:
-    """round(ratio * all heads) heads ranked over the whole model; every layer keeps at least one head."""
-    if not 0 <= ratio < 1:
-        raise HeadCriterionError(f"--ratio must be in [0, 1), got {ratio}")
+    """The nearest whole number of heads to ratio x all heads, ranked over the whole model; every layer
+    keeps at least one head. A count that removes nothing or misses the ratio by more than TOLERANCE is refused."""
+    _check_ratio(ratio)
     grouped = [layer for layer, shape in shapes.items() if shape.group_size > 1]
     if grouped:
         raise HeadCriterionError(
@@ -101,7 +191,13 @@ def heads_to_remove_globally(
         )
     candidates = [(float(score), layer, head) for layer, s in scores.items() for head, score in enumerate(s.tolist())]
     candidates.sort(key=lambda c: c[0], reverse=not remove_lowest)  # stable: ties keep (layer, head) order
-    budget = round(ratio * len(candidates))
+    total = len(candidates)
+    budget = nearest_count(ratio, total)
+    if ratio > 0 and not honoured(ratio, budget, total):
+        raise HeadCriterionError(
+            f"--ratio {ratio} cannot be honoured: the model has {total} heads, so the ratios that work are "
+            f"{_fractions(total)}"
+        )
     removed: dict[int, list[int]] = {layer: [] for layer in shapes}
     for _, layer, head in candidates:
         if budget == 0:
@@ -147,16 +243,24 @@ def prune_heads(
     seed: int = 0,
     batch_size: int = 1,
     scope: str = "layer",
+    unit: str = "auto",
     progress: bool = True,
 ) -> HeadPruningResult:
     """Remove the chosen heads of every linear-attention layer of ``loaded.model`` in place."""
     start = time.perf_counter()
     if scope not in ("layer", "global"):
         raise HeadCriterionError(f"--scope must be 'layer' or 'global', got {scope!r}")
-    choose = heads_to_remove if scope == "layer" else heads_to_remove_globally
+    if scope == "global" and unit != "auto":
+        raise HeadCriterionError("--unit applies to --scope layer; --scope global removes single heads")
     adapter = loaded.adapter
     shapes = {shape.layer: shape for shape in adapter.shapes()}
-    choose(shapes, {layer: torch.zeros(s.num_v_heads) for layer, s in shapes.items()}, ratio)  # validate first
+
+    def choose(scores: dict[int, torch.Tensor], remove_lowest: bool = False) -> tuple[dict[int, list[int]], str]:
+        if scope == "layer":
+            return heads_to_remove(shapes, scores, ratio, remove_lowest, unit)
+        return heads_to_remove_globally(shapes, scores, ratio, remove_lowest), "head"
+
+    choose({layer: torch.zeros(s.num_v_heads) for layer, s in shapes.items()})  # refuse before profiling
     profile, tokens = None, 0
     if criterion.needs_profile:
         if data is None:
@@ -167,7 +271,7 @@ def prune_heads(
         order = [(layer, head) for layer, shape in shapes.items() for head in range(shape.num_v_heads)]
     flat = criterion.score(profile, len(order), torch.Generator().manual_seed(seed))
     scores = {layer: flat[[i for i, (owner, _) in enumerate(order) if owner == layer]] for layer in shapes}
-    removed = choose(shapes, scores, ratio, criterion.remove_lowest)
+    removed, removed_unit = choose(scores, criterion.remove_lowest)
     if scope == "layer":
         adapter.remove_heads(removed)
     else:
@@ -184,4 +288,6 @@ def prune_heads(
         scores={layer: s.tolist() for layer, s in scores.items()},
         profile_tokens=tokens,
         seconds=time.perf_counter() - start,
+        unit=removed_unit,
+        kept_ratio=sum(map(len, removed.values())) / sum(s.num_v_heads for s in shapes.values()),
     )
