@@ -71,6 +71,8 @@ def check_options(seq_len: int, positions: list[int] | None, eps: float, samples
     if positions is None:
         return log_positions(seq_len)
     positions = sorted(set(int(t) for t in positions))
+    if not positions:
+        raise AnalysisError("no positions given; pass at least one token count, or none for the default")
     if positions[0] < 1:
         raise AnalysisError(f"positions count tokens and start at 1, got {positions[0]}")
     if positions[-1] > seq_len:

@@ -11,6 +11,8 @@ from staterank import evaluate as evaluation
 from staterank.errors import StaterankError
 from staterank.io import check_output, output_dir, write_json
 from staterank.loading import LoadedModel, load
+from staterank.modelcard import model_facts, prune_card, source_name, write_model_card
+from staterank.validate import positive_float, positive_int
 
 TASKS = ("ppl", "ppl-by-position", "recall", "lm-eval:TASK[,TASK...]")
 
@@ -107,6 +109,9 @@ def evaluate(
     own, harness = _parse_tasks(tasks)
     if seq_len < 2:
         raise StaterankError("--seq-len must be at least 2")
+    positive_int.check("--batch-size", batch_size)
+    positive_int.check("--max-tokens", max_tokens, optional=True)
+    positive_int.check("--lm-eval-limit", lm_eval_limit, optional=True)
     if stride is not None and not 0 < stride <= seq_len:
         raise StaterankError(f"--stride must be in [1, --seq-len], got {stride}")
     if data is None and ({"ppl", "ppl-by-position"} & set(own)):
@@ -163,6 +168,7 @@ def prune(
     options: dict | None = None,
     alpha: float = 0.5,
     scope: str = "layer",
+    unit: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
     **load_options,
@@ -171,18 +177,22 @@ def prune(
 
     Q/K channel methods (random, l1, wanda, taylor, pca, rrqr) keep floor(d_k (1 - ratio)) channels
     per head. Head methods (jrnp, heads-rank, heads-norm, heads-low-rank, heads-random) remove the
-    fraction ``ratio`` of the linear-attention heads. OUT is written atomically: an interrupted run
-    leaves nothing behind.
+    fraction ``ratio`` of the linear-attention heads (``unit``: value heads or whole key heads where
+    heads are grouped; ``"auto"`` takes the closer). ``pruning.json`` records the fraction actually
+    removed as ``kept_ratio`` beside the requested ``ratio``. OUT is written atomically: an
+    interrupted run leaves nothing behind.
     """
     from staterank.prune.heads import HEAD_CRITERIA, get_head_criterion, heads_to_remove, prune_heads
     from staterank.prune.qk import kept_dim, prune_channels
 
     check_output(out, overwrite)
+    for name, value in (("--calib-tokens", calib_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size)):
+        positive_int.check(name, value)
     head_method = method in HEAD_CRITERIA
     if head_method:  # validate options before any loading
         options = {"alpha": alpha, **(options or {})} if method == "jrnp" else dict(options or {})
         criterion = get_head_criterion(method, **options)
-        heads_to_remove({}, {}, ratio)
+        heads_to_remove({}, {}, ratio, unit=unit)
     else:
         kept_dim(1 << 20, ratio, align)
     torch.manual_seed(seed)
@@ -200,9 +210,12 @@ def prune(
             seed=seed,
             batch_size=batch_size,
             scope=scope,
+            unit=unit,
             progress=progress,
         )
         report.update(
+            kept_ratio=heads.kept_ratio,
+            unit=heads.unit,
             calib_tokens=heads.profile_tokens,
             seq_len=seq_len,
             options=options,
@@ -226,9 +239,12 @@ def prune(
             progress=progress,
         )
         report.update(
+            kept_ratio=1 - result.head_k_dim_after / result.head_k_dim_before,
+            unit="channel",
             calib_tokens=result.calibration.tokens if result.calibration is not None else 0,
             seq_len=seq_len,
-            align=align if align is not None else "auto",
+            align=result.align,
+            head_k_dim_requested=result.requested_k_dim,
             options=options or {},
             head_k_dim_before=result.head_k_dim_before,
             head_k_dim_after=result.head_k_dim_after,
@@ -246,6 +262,8 @@ def prune(
             with output_dir(out, overwrite=overwrite) as tmp:
                 save_model(loaded, tmp)
                 write_json(tmp / "pruning.json", report)
+                card = prune_card(report, model_facts(loaded.model), str(out), source_name(model, loaded.path))
+                write_model_card(tmp, card)
     return report
 
 
@@ -285,6 +303,7 @@ def analyze(
     check_output(out, overwrite)
     data = [data] if isinstance(data, str) else list(data)
     analysis.check_options(seq_len, positions, eps, samples)
+    positive_int.check("--batch-size", batch_size)
     torch.manual_seed(seed)
     loaded = load_model(model, **load_options)
     result = analysis.analyze(
@@ -370,6 +389,7 @@ def bench(
     smallest_decode_batch = min(decode_batch_sizes, default=1)
     if min(batch_size, seq_len, repeats, decode_steps, smallest_decode_batch) < 1 or warmup < 0:
         raise BenchError("--batch-size, --seq-len, --repeats, decode batches and steps must be positive, --warmup >= 0")
+    positive_float.check("--memory-budget-gib", memory_budget_gib, optional=True)
     torch_dtype = None
     if dtype is not None:
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)

@@ -14,15 +14,47 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from staterank.errors import StaterankError, StaterankWarning
+from staterank.validate import (
+    check_output_path,
+    device,
+    fraction,
+    non_negative_int,
+    open_unit,
+    positive_float,
+    positive_int,
+    positive_ints,
+    positive_ints_or_none,
+    probability,
+    random_seed,
+    sequence_length,
+)
 
 #: The commands that run data-parallel under torchrun; the others run in one process.
 PARALLEL_COMMANDS = ("prune", "analyze", "evaluate", "finetune")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other bad input: ``staterank: error: COMMAND: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        self._fail(self.prog.removeprefix("staterank").strip(), message)  # a subcommand's prog: "staterank COMMAND"
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        # argparse reports a subcommand's unknown options from the top parser; name the subcommand here.
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self._fail(getattr(parsed, "command", None), f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
+
+    def _fail(self, command: str | None, message: str) -> NoReturn:
+        self.exit(2, f"staterank: error: {command + ': ' if command else ''}{message}\n")
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument(
         "--device-map",
         choices=["auto", "balanced", "sequential"],
@@ -34,12 +66,12 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=random_seed, default=0, help="random seed (default: 0)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="staterank",
         description="Analyse how linear-attention LLMs use their recurrent state, and compress them on that basis.",
     )
@@ -59,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="ppl",
         help="comma-separated: ppl, ppl-by-position, recall, lm-eval:TASK[,TASK] (default ppl)",
     )
-    p.add_argument("--stride", type=int, help="ppl: sliding windows moving by this many tokens")
-    p.add_argument("--lm-eval-limit", type=int, help="lm-eval: at most this many examples per task")
-    p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default: 512)")
-    p.add_argument("--max-tokens", type=int, help="read at most this many tokens of the corpus")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--stride", type=positive_int, help="ppl: sliding windows moving by this many tokens")
+    p.add_argument("--lm-eval-limit", type=positive_int, help="lm-eval: at most this many examples per task")
+    p.add_argument("--seq-len", type=sequence_length, default=512, help="window length in tokens (default: 512)")
+    p.add_argument("--max-tokens", type=positive_int, help="read at most this many tokens of the corpus")
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _model_options(p)
@@ -78,15 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="corpus; give it twice to compare two domains (e.g. techdocs-val, wikitext-test)",
     )
     p.add_argument("--out", required=True, help="output directory (rank.json, CSVs, PNGs)")
-    p.add_argument("--samples", type=int, default=8, help="sequences per corpus (default: 8)")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
+    p.add_argument("--samples", type=positive_int, default=8, help="sequences per corpus (default: 8)")
+    p.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per sequence (default: 2048)")
     p.add_argument(
         "--positions",
-        type=lambda text: [int(t) for t in text.split(",")],
+        type=positive_ints,
         help="comma-separated token counts at which to read the states (default: log-spaced, and the last)",
     )
-    p.add_argument("--eps", type=float, default=1e-4, help="effective rank counts singular values > eps * largest")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--eps", type=open_unit, default=1e-4, help="effective rank counts singular values > eps * largest")
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--overwrite", action="store_true")
     _model_options(p)
     _common(p)
@@ -100,18 +132,30 @@ def build_parser() -> argparse.ArgumentParser:
         "heads-low-rank, heads-random",
     )
     p.add_argument(
-        "--ratio", type=float, required=True, help="fraction of q/k channels per head (or of heads) removed, in [0, 1)"
+        "--ratio",
+        type=fraction,
+        required=True,
+        help="fraction of q/k channels per head (or of heads) removed, in [0, 1)",
     )
-    p.add_argument("--alpha", type=float, default=0.5, help="jrnp: weight of the rank in the Saturation Score")
+    p.add_argument("--alpha", type=probability, default=0.5, help="jrnp: weight of the rank in the Saturation Score")
     p.add_argument("--scope", default="layer", choices=["layer", "global"], help="head methods: where to count")
+    p.add_argument(
+        "--unit",
+        default="auto",
+        choices=["auto", "value", "key"],
+        help="head methods with grouped value heads: remove value heads, or key heads with all their value heads "
+        "(default: auto, whichever comes closer to --ratio)",
+    )
     p.add_argument("--data", help="calibration corpus (needed by wanda, taylor, pca, rrqr)")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (default: 16 x 2048)")
-    p.add_argument("--seq-len", type=int, default=2048, help="calibration sequence length (default: 2048)")
+    p.add_argument("--calib-tokens", type=positive_int, default=32768, help="calibration tokens (default: 16 x 2048)")
+    p.add_argument("--seq-len", type=positive_int, default=2048, help="calibration sequence length (default: 2048)")
     p.add_argument(
-        "--align", type=int, help="round the kept d_k down to a multiple of this (default: 16 where d_k' >= 16)"
+        "--align",
+        type=positive_int,
+        help="round the kept d_k down to a multiple of this (default: 16, else 8, where that costs at most 5%% of d_k)",
     )
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. f=2.0 (repeatable)"
     )
@@ -124,43 +168,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training corpus")
     p.add_argument("--out", required=True, help="output model directory (LoRA merged into the weights)")
     p.add_argument("--teacher", help="distil from this model (the unpruned original)")
-    p.add_argument("--kd-temp", type=float, default=2.0, help="distillation temperature (default: 2)")
-    p.add_argument("--kd-weight", type=float, default=0.5, help="weight of the distillation term (default: 0.5)")
-    p.add_argument("--lora-rank", type=int, default=32)
-    p.add_argument("--lora-alpha", type=float, default=64)
+    p.add_argument("--kd-temp", type=positive_float, default=2.0, help="distillation temperature (default: 2)")
+    p.add_argument("--kd-weight", type=probability, default=0.5, help="weight of the distillation term (default: 0.5)")
+    p.add_argument("--lora-rank", type=positive_int, default=32)
+    p.add_argument("--lora-alpha", type=positive_float, default=64)
     p.add_argument("--lora-targets", help="comma-separated module names (default: the q, k, v projections)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    p.add_argument("--steps", type=positive_int, default=200)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=sequence_length, default=512)
+    p.add_argument("--lr", type=positive_float, default=1e-4)
+    p.add_argument("--grad-clip", type=positive_float, default=1.0)
+    p.add_argument("--save-every", type=non_negative_int, default=50, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device")
+    p.add_argument("--device", type=device)
     _common(p)
 
     p = sub.add_parser("bench", help="side-by-side prefill and decode speed, memory and state bytes")
     p.add_argument("models", nargs="+", metavar="MODEL")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--from-config", action="store_true", help="MODELs are configs: random weights, published shapes")
-    p.add_argument("--batch-size", type=int, default=8, help="prefill batch (default: 8)")
-    p.add_argument("--seq-len", type=int, default=2048, help="prefill tokens per sequence (default: 2048)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prefill batch (default: 8)")
+    p.add_argument("--seq-len", type=positive_int, default=2048, help="prefill tokens per sequence (default: 2048)")
     p.add_argument(
         "--decode-batch-sizes",
-        type=lambda text: [int(b) for b in text.split(",") if b.strip()],
+        type=positive_ints_or_none,
         default=[1, 64],
         help="comma-separated (default: 1,64); empty for prefill only",
     )
-    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--decode-steps", type=positive_int, default=32)
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=non_negative_int, default=1)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument(
-        "--memory-budget-gib", type=float, help="report the largest batch whose states fit beside the weights"
+        "--memory-budget-gib", type=positive_float, help="report the largest batch whose states fit beside the weights"
     )
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device")
+    p.add_argument("--device", type=device)
     _common(p)
 
     p = sub.add_parser("report", help="report.html and report.md from whatever a run directory holds")
@@ -172,21 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training corpus")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--val-data", help="validation corpus for periodic perplexity")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--seq-len", type=sequence_length)
+    p.add_argument("--lr", type=positive_float)
     p.add_argument("--tokenizer", help="existing tokenizer directory (default: train one on --data)")
     p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device")
+    p.add_argument("--device", type=device)
     _common(p)
     p.set_defaults(seed=None)  # None: the config's "train" section (or the trainer's default) decides
 
     p = sub.add_parser("demo", help="the pipeline on the bundled tiny model, on CPU, in minutes")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     p.add_argument("--model", default="tiny-deltanet")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device, default="cpu")
     _common(p)
     return parser
 
@@ -298,6 +342,26 @@ def _parse_options(items: list[str]) -> dict:
     return options
 
 
+def pruning_summary(report: dict) -> str:
+    """One line: what was removed, the requested against the actual fraction where they differ, the state bytes."""
+    before, after = report["state_bytes_before"], report["state_bytes_after"]
+    if "removed" in report:
+        counts = [len(heads) for heads in report["removed"].values()]
+        per_layer = f"{counts[0]} per layer" if len(set(counts)) == 1 else f"per layer {counts}"
+        what = f"removed {sum(counts)} value heads ({per_layer}"
+        what += ", whole key heads with their value heads)" if report["unit"] == "key_head" else ")"
+    else:
+        what = f"d_k {report['head_k_dim_before']} -> {report['head_k_dim_after']} per head"
+        if report["head_k_dim_after"] != report["head_k_dim_requested"]:
+            what += f" (floor(d_k (1 - ratio)) = {report['head_k_dim_requested']}, aligned to {report['align']})"
+    if abs(report["kept_ratio"] - report["ratio"]) > 1e-9:
+        what += f"; requested ratio {report['ratio']:g}, actual {report['kept_ratio']:.4g}"
+    return (
+        f"{report['method']}: {what}, state {before:,} -> {after:,} bytes per sequence ({after / before:.2f}x), "
+        f"{report['seconds']:.1f} s"
+    )
+
+
 def _cmd_prune(args) -> int:
     from staterank import api
 
@@ -315,21 +379,13 @@ def _cmd_prune(args) -> int:
         options=_parse_options(args.option),
         alpha=args.alpha,
         scope=args.scope,
+        unit=args.unit,
         overwrite=args.overwrite,
         device=args.device,
         device_map=args.device_map,
         trust_remote_code=args.trust_remote_code,
     )
-    before, after = report["state_bytes_before"], report["state_bytes_after"]
-    if "removed" in report:
-        count = sum(len(heads) for heads in report["removed"].values())
-        what = f"removed {count} heads ({len(report['removed'][next(iter(report['removed']))])} per layer)"
-    else:
-        what = f"d_k {report['head_k_dim_before']} -> {report['head_k_dim_after']} per head"
-    print(
-        f"{report['method']}: {what}, state {before:,} -> {after:,} bytes per sequence ({after / before:.2f}x), "
-        f"{report['seconds']:.1f} s"
-    )
+    print(pruning_summary(report))
     print(f"wrote {args.out} (pruning.json inside)")
     return 0
 
@@ -400,7 +456,7 @@ def _cmd_demo(args) -> int:
     from staterank.finetune import finetune
     from staterank.io import write_json
 
-    out = Path(args.out)
+    out = check_output_path(args.out)  # refused before any work when it cannot be written
     corpora = ("techdocs-val", "wikitext-test")
 
     def evaluate(model) -> dict[str, float]:
@@ -554,7 +610,10 @@ def _quiet_third_party(debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as parse_exit:  # argparse's --help (0) or its one-line error (2): the same codes, returned
+        return parse_exit.code
     _quiet_third_party(args.debug)
     try:
         return _run(args)

@@ -43,6 +43,7 @@ from staterank.data import load_sequences
 from staterank.errors import DataError, StaterankError
 from staterank.io import output_dir, write_json
 from staterank.loading import LoadedModel
+from staterank.modelcard import finetune_card, model_facts, pruning_report, source_name, write_model_card
 from staterank.models import ModelAdapter
 from staterank.models.fla_common import FlaAdapter
 from staterank.models.qwen3_5 import Qwen35Adapter
@@ -56,6 +57,15 @@ from staterank.train import (
     lr_at,
     restore_rng_state,
     rng_state,
+)
+from staterank.validate import (
+    fraction,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    random_seed,
+    sequence_length,
 )
 
 #: Options that define the trajectory of a run: a resume must not change them.
@@ -147,15 +157,18 @@ def finetune(
     ``"model"``.
     """
     # -- options ------------------------------------------------------------------------------
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("lora_rank", lora_rank)):
-        if not isinstance(value, int) or value < 1:
-            raise StaterankError(f"{name} must be a positive integer, not {value!r}")
-    if seq_len < 2:
-        raise StaterankError("seq_len must be at least 2: a sequence predicts its tokens after the first")
-    if not 0 <= kd_weight <= 1:
-        raise StaterankError(f"kd_weight must be in [0, 1], not {kd_weight}")
-    if kd_temp <= 0:
-        raise StaterankError(f"kd_temp must be positive, not {kd_temp}")
+    rules = (
+        ("steps", steps, positive_int), ("batch_size", batch_size, positive_int), ("seq_len", seq_len, sequence_length),
+        ("lora_rank", lora_rank, positive_int), ("lora_alpha", lora_alpha, positive_float),
+        ("lora_dropout", lora_dropout, fraction), ("kd_temp", kd_temp, positive_float),
+        ("kd_weight", kd_weight, probability), ("lr", lr, positive_float),
+        ("warmup_steps", warmup_steps, non_negative_int), ("min_lr_ratio", min_lr_ratio, probability),
+        ("grad_clip", grad_clip, positive_float), ("save_every", save_every, non_negative_int),
+        ("seed", seed, random_seed), ("max_train_tokens", max_train_tokens, positive_int),
+        ("stop_after", stop_after, positive_int),
+    )  # fmt: skip
+    for name, value, rule in rules:
+        rule.check(name, value, optional=name in ("max_train_tokens", "stop_after"))  # None: no limit
     rows = distributed.split_batch(batch_size)  # this rank's rows of every batch
     rank, world_size = distributed.world().rank, distributed.world().size
     if isinstance(teacher, LoadedModel):
@@ -325,6 +338,14 @@ def finetune(
             with output_dir(out, overwrite=True) as tmp:  # replaces OUT, the checkpoint with it
                 save_model(student, tmp)
                 write_json(tmp / "finetune.json", summary)
+                card = finetune_card(
+                    summary,
+                    model_facts(student.model),
+                    str(out),
+                    source_name(model, student.path),
+                    pruning=pruning_report(student.path),
+                )
+                write_model_card(tmp, card)
             print(f"wrote {out}: {tokens_seen:,} tokens seen in {seconds:.0f} s")
     return {**summary, "model": student.model}
 

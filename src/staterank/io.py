@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from staterank.errors import OutputExistsError
+from staterank.validate import check_output_path
 
 
 def _umask() -> int:
@@ -28,8 +29,8 @@ def _usual_permissions(path: Path) -> None:
 
 
 def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse to replace an existing output unless ``overwrite``; return the path."""
-    path = Path(path)
+    """Refuse to replace an existing output unless ``overwrite``, or one that cannot be created; return the path."""
+    path = check_output_path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} exists; pass --overwrite to replace it")
     return path

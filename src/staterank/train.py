@@ -37,7 +37,18 @@ from staterank.data import load_sequences
 from staterank.errors import DataError, OutputExistsError, StaterankError
 from staterank.io import output_dir
 from staterank.loading import prepare_runtime
+from staterank.modelcard import model_facts, train_card, write_model_card
 from staterank.tokenizer import train_tokenizer
+from staterank.validate import (
+    check_output_path,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    random_seed,
+    sequence_length,
+)
 
 #: Every option of a run, with its default. The config's "train" section may set any of them.
 DEFAULTS: dict[str, Any] = {
@@ -74,6 +85,7 @@ LOG_EVERY = 10  # steps between reading the loss back from the device (each read
 
 def checkpoint_dir_for(out: Path, resume: bool, overwrite: bool) -> Path:
     """The checkpoint folder of a run writing OUT: it must exist to resume; OUT must not, unless overwritten."""
+    check_output_path(out)
     checkpoint_dir = out / "checkpoint"
     if resume:
         if not (checkpoint_dir / "state.pt").is_file():
@@ -161,11 +173,15 @@ def train(
     opts = {**DEFAULTS, **train_section, **{k: v for k, v in options.items() if v is not None}}
     if opts["save_dtype"] not in SAVE_DTYPES:
         raise StaterankError(f"save_dtype {opts['save_dtype']!r}: use one of {', '.join(SAVE_DTYPES)}")
-    for name in ("steps", "batch_size", "seq_len"):
-        if not isinstance(opts[name], int) or opts[name] < 1:
-            raise StaterankError(f"{name} must be a positive integer, not {opts[name]!r}")
-    if opts["seq_len"] < 2:
-        raise StaterankError("seq_len must be at least 2: a sequence predicts its tokens after the first")
+    rules = {
+        "steps": positive_int, "batch_size": positive_int, "seq_len": sequence_length, "lr": positive_float,
+        "warmup_steps": non_negative_int, "min_lr_ratio": probability, "weight_decay": non_negative_float,
+        "grad_clip": positive_float, "val_every": non_negative_int, "val_tokens": positive_int,
+        "save_every": non_negative_int, "seed": random_seed, "vocab_size": positive_int,
+        "max_train_tokens": positive_int,
+    }  # fmt: skip
+    for name, rule in rules.items():
+        rule.check(name, opts[name], optional=name in ("vocab_size", "max_train_tokens"))  # None: the default
 
     model_type = model_fields["model_type"]
     prepare_runtime(model_type)  # refuses unknown families; registers fla's classes; CPU runs through PyTorch ops
@@ -349,6 +365,7 @@ def train(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_model_card(tmp, train_card(summary, model_facts(model), str(out)))
     print(f"wrote {out}: {tokens_seen:,} tokens seen in {seconds:.0f} s")
     return {**summary, "model": model}
 
