@@ -61,3 +61,20 @@ def tiny_config(model_type: str, vocab_size: int):
         ),
         "qwen3_5_text": lambda: Qwen3_5TextConfig(**hybrid),
     }[model_type]()
+
+
+#: `staterank train` configs of two-layer models, one per family (the "train" section left to the caller).
+MINI_MODELS = {
+    "delta_net": {"model_type": "delta_net", "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2},
+    "gated_deltanet": {
+        "model_type": "gated_deltanet", "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2, "head_dim": 16,
+    },
+    # A hybrid: one Gated DeltaNet layer, one attention layer, mixture-of-experts MLPs.
+    "qwen3_next": {
+        "model_type": "qwen3_next", "hidden_size": 32, "num_hidden_layers": 2,
+        "layer_types": ["linear_attention", "full_attention"], "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+    },
+}  # fmt: skip

@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from reference import MINI_MODELS
 
 from staterank import api
 from staterank.finetune import finetune
@@ -193,16 +194,7 @@ def test_finetune_card_names_the_student_its_pruning_and_the_lora(pruned_l1, tmp
 
 @pytest.mark.parametrize("model_type", ["delta_net", "qwen3_next"])
 def test_train_card_has_no_base_model_and_the_run(model_type, tmp_path):
-    fields = {
-        "delta_net": {"model_type": "delta_net", "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2},
-        "qwen3_next": {
-            "model_type": "qwen3_next", "hidden_size": 32, "num_hidden_layers": 2,
-            "layer_types": ["linear_attention", "full_attention"], "num_attention_heads": 2, "num_key_value_heads": 1,
-            "head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": 16,
-            "linear_value_head_dim": 16, "num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 32,
-            "shared_expert_intermediate_size": 32,
-        },
-    }[model_type]  # fmt: skip
+    fields = MINI_MODELS[model_type]
     config = tmp_path / "config.json"
     config.write_text(json.dumps({**fields, "intermediate_size": 64, "tie_word_embeddings": True}))
     out = tmp_path / "model"
