@@ -4,7 +4,7 @@ One function, :func:`finetune`, read top to bottom like nanoGPT's train.py:
 
 1. the student (MODEL, often a pruned one) and, if given, the teacher (the unpruned model), which
    must share the student's tokenizer vocabulary;
-2. LoRA adapters through PEFT on the linear-attention input projections (:func:`default_lora_targets`),
+2. LoRA adapters through PEFT on the linear-attention input projections (the adapter's ``lora_targets``),
    the rest of the model frozen;
 3. data: packed sequences visited in a seeded random order, as in :mod:`staterank.train`;
 4. AdamW on the LoRA weights, linear warmup then cosine decay to ``min_lr_ratio * lr``, gradient-norm
@@ -44,10 +44,6 @@ from staterank.errors import DataError, StaterankError
 from staterank.io import output_dir, write_json
 from staterank.loading import LoadedModel
 from staterank.modelcard import finetune_card, model_facts, pruning_report, source_name, write_model_card
-from staterank.models import ModelAdapter
-from staterank.models.fla_common import FlaAdapter
-from staterank.models.qwen3_5 import Qwen35Adapter
-from staterank.models.qwen3_next import Qwen3NextAdapter
 from staterank.train import (
     ADAM_BETAS,
     LOG_EVERY,
@@ -73,18 +69,6 @@ RUN_DEFINING = (
     "teacher", "kd_temp", "kd_weight", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "steps",
     "batch_size", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "grad_clip", "seed", "max_train_tokens",
 )  # fmt: skip
-
-
-def default_lora_targets(adapter: ModelAdapter) -> list[str]:
-    """The module names LoRA adapts by default: the projections that feed the linear-attention state."""
-    # Qwen3-Next and Qwen3.5 fuse q, k and v (and Qwen3-Next z) into one projection each.
-    if isinstance(adapter, Qwen3NextAdapter):
-        return ["in_proj_qkvz"]
-    if isinstance(adapter, Qwen35Adapter):
-        return ["in_proj_qkv"]
-    if isinstance(adapter, FlaAdapter):
-        return ["q_proj", "k_proj", "v_proj"]
-    raise StaterankError(f"no default LoRA targets for {adapter.family}; pass --lora-targets")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
@@ -143,7 +127,7 @@ def finetune(
 
     With a ``teacher`` the loss is ``(1 - kd_weight) * CE + kd_weight * KD``, where KD is
     :func:`kd_loss`: ``T² KL(p_teacher || p_student)`` at temperature ``kd_temp``; without one it is
-    the cross-entropy alone. ``lora_targets`` are module names (default: :func:`default_lora_targets`).
+    the cross-entropy alone. ``lora_targets`` are module names (default: the adapter's ``lora_targets``).
     The student trains in float32 on CPU, and in the dtype it loads in (bfloat16) under bf16 autocast
     on CUDA, where the LoRA weights stay float32; OUT has the weights in that dtype.
 
@@ -194,7 +178,9 @@ def finetune(
         loaded_teacher = load_model(teacher, device=str(run_device))
         check_same_vocabulary(student, loaded_teacher)
         teacher_model = loaded_teacher.model.eval().requires_grad_(False)
-    targets = lora_targets or default_lora_targets(student.adapter)
+    targets = lora_targets or list(student.adapter.lora_targets)
+    if not targets:
+        raise StaterankError(f"no default LoRA targets for {student.adapter.family}; pass --lora-targets")
     opts["lora_targets"] = targets
 
     # Seeded before PEFT draws the LoRA A matrices, so a resumed run builds the same ones before loading.

@@ -19,7 +19,6 @@ from staterank.errors import ModelLoadError, UnsupportedModelError
 from staterank.models import ADAPTERS, ModelAdapter, adapter_for, supported_families
 
 BUNDLED = ("tiny-deltanet", "tiny-gated-deltanet")
-FLA_MODEL_TYPES = ("delta_net", "gated_deltanet", "staterank_delta_net", "staterank_gated_deltanet")
 
 
 @dataclass
@@ -83,7 +82,7 @@ def prepare_runtime(model_type: str) -> None:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not supported; supported families: {supported_families()}"
         )
-    if model_type in FLA_MODEL_TYPES:
+    if ADAPTERS[model_type].requires_fla:
         try:
             import fla  # noqa: F401  (registers the fla model classes with the Auto classes)
         except ImportError:
@@ -150,7 +149,7 @@ def load(
                 "not support; use more GPUs or a smaller dtype so that every layer sits on a device"
             )
     loaded.eval()
-    if config["model_type"] in FLA_MODEL_TYPES:
+    if ADAPTERS[config["model_type"]].requires_fla:
         warn_fla_generate(type(loaded))
     return LoadedModel(loaded, tokenizer, adapter_for(loaded), path)
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
-from staterank.loading import BUNDLED, FLA_MODEL_TYPES, LoadedModel
-from staterank.models import adapter_for
+from staterank.loading import BUNDLED, LoadedModel
+from staterank.models import ADAPTERS, adapter_for
 from staterank.models.qwen3_5 import Qwen35Adapter
 from staterank.models.qwen3_next import Qwen3NextAdapter
 from staterank.models.varheads import CONFIGS
@@ -349,7 +349,7 @@ def _load_section(model: dict[str, Any], path: str) -> str:
             "The layers keep different numbers of heads (`staterank_layer_heads` in config.json), which "
             "`import staterank` teaches transformers to build."
         )
-    elif model_type in FLA_MODEL_TYPES:
+    elif ADAPTERS[model_type].requires_fla:
         first = "import fla  # registers flash-linear-attention's model classes with transformers\n"
         note = (
             "fla's kernels are Triton kernels for GPUs; on a CPU, `staterank.load_model(path)` loads the model "
@@ -371,7 +371,7 @@ def _serve_section(model: dict[str, Any]) -> str:
     head_k_dims = sorted({layer["head_k_dim"] for layer in model["layers"]})
     dims = ", ".join(map(str, head_k_dims))
     facts = []
-    if model_type in FLA_MODEL_TYPES:
+    if ADAPTERS[model_type].requires_fla:
         fits = "within that limit" if head_k_dims[-1] <= FLA_MAX_K else "beyond that limit: the chunk kernels refuse it"
         facts.append(
             f"fla's chunk kernels assert K <= {FLA_MAX_K} and process K in 64-wide blocks; this model's K "

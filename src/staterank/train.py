@@ -38,6 +38,7 @@ from staterank.errors import DataError, OutputExistsError, StaterankError
 from staterank.io import output_dir
 from staterank.loading import prepare_runtime
 from staterank.modelcard import model_facts, train_card, write_model_card
+from staterank.models import adapter_for
 from staterank.tokenizer import train_tokenizer
 from staterank.validate import (
     check_output_path,
@@ -247,11 +248,11 @@ def train(
     )
 
     # -- optimizer ----------------------------------------------------------------------------
-    # Weight decay shrinks matrices (and the embedding) only: decaying norm gains, biases or the
-    # per-head decay parameters A_log / dt_bias would pull them towards 0, which means something.
+    # Weight decay shrinks matrices (and the embedding) only, not what the adapter exempts.
+    adapter = adapter_for(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.ndim < 2 or name.endswith(("A_log", "dt_bias")):
+        if adapter.no_weight_decay(name, p):
             no_decay.append(p)
         else:
             decay.append(p)

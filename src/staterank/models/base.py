@@ -93,6 +93,12 @@ class ModelAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]]
     #: bytes of one recurrent-state element as the family's cache holds it (None: model dtype)
     state_dtype: ClassVar[torch.dtype | None] = None
+    #: whether the model classes come from flash-linear-attention (``import fla`` registers them)
+    requires_fla: ClassVar[bool] = False
+    #: the module names LoRA adapts by default: the projections that feed the linear-attention state
+    lora_targets: ClassVar[tuple[str, ...]] = ()
+    #: parameter-name endings exempt from weight decay besides every vector (per-head decay and gates)
+    no_decay_suffixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -117,6 +123,11 @@ class ModelAdapter(ABC):
 
     def linear_layers(self) -> list[int]:
         return [i for i in range(len(self.decoder_layers())) if self.mixer(i) is not None]
+
+    def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
+        """Whether training leaves ``param`` undecayed: norm gains, biases and the per-head decay parameters,
+        which weight decay would pull towards 0, a value that means something."""
+        return param.ndim < 2 or name.endswith(self.no_decay_suffixes)
 
     def shapes(self) -> list[LayerShape]:
         return [self.layer_shape(i) for i in self.linear_layers()]

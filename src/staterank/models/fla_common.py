@@ -50,6 +50,9 @@ def float_ratio(numerator: int, denominator: int) -> float:
 class FlaAdapter(ModelAdapter):
     """Shared plumbing of the fla DeltaNet and Gated DeltaNet adapters."""
 
+    requires_fla = True
+    lora_targets = ("q_proj", "k_proj", "v_proj")
+    no_decay_suffixes = ("A_log", "dt_bias")  # Gated DeltaNet's per-head decay
     state_dtype = torch.float32  # fla's kernels return and cache the state in fp32
     state_v_first = False  # whether the layer asks the kernels for [.., d_v, d_k] states
     layer_class_name: str

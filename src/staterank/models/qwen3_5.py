@@ -23,6 +23,7 @@ from staterank.models.qwen_common import QwenGatedDeltaNetAdapter, Selection
 class Qwen35Adapter(QwenGatedDeltaNetAdapter):
     family = "Qwen3.5 (transformers)"
     model_types = ("qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe")
+    lora_targets = ("in_proj_qkv",)  # q, k and v in one projection
 
     def _project(self, mixer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return mixer.in_proj_qkv(hidden), mixer.in_proj_b(hidden), mixer.in_proj_a(hidden)

@@ -23,6 +23,7 @@ from staterank.models.qwen_common import QwenGatedDeltaNetAdapter, Selection
 class Qwen3NextAdapter(QwenGatedDeltaNetAdapter):
     family = "Qwen3-Next (transformers)"
     model_types = ("qwen3_next",)
+    lora_targets = ("in_proj_qkvz",)  # q, k, v and z in one fused projection
 
     def _project(self, mixer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # the mixer's own regrouping: q, k [B, T, Hk, d_k], v [B, T, Hv, d_v], b, a [B, T, Hv]

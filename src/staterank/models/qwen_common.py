@@ -91,6 +91,8 @@ class Selection:
 class QwenGatedDeltaNetAdapter(ModelAdapter):
     """Shared plumbing of the Qwen3-Next and Qwen3.5 adapters."""
 
+    no_decay_suffixes = ("A_log", "dt_bias")  # the per-head decay
+
     # transformers' torch references and fla's kernels both return the final state in fp32, and the
     # LinearAttentionLayer cache allocates zeros_like(state); the conv cache keeps the model dtype.
     state_dtype = torch.float32
