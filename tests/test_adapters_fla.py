@@ -251,3 +251,52 @@ def test_cached_state_is_the_final_state_of_the_recurrence(name):
     for layer in adapter.linear_layers():
         _, expected = delta_rule_loop(features[layer])  # [B, Hv, d_k, d_v]
         torch.testing.assert_close(adapter.cached_state(cache, layer).double(), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_static_cache_tensors_are_the_whole_state_and_go_back_in_place(name):
+    """The tensors are every layer's recurrent and conv states; a later step's cache takes them back in their place."""
+    model, adapter = make_model(name)
+    ids = tokens(batch=1)
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        static = adapter.static_cache_tensors(cache)
+        held = [cache[layer] for layer in range(model.config.num_hidden_layers)]
+        assert {id(t) for t in static} == {id(s["recurrent_state"]) for s in held} | {
+            id(t) for s in held for t in s["conv_state"]
+        }
+        assert sum(t.nbytes for t in static) == adapter.state_bytes_per_seq()
+        cache = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).past_key_values
+        moved = adapter.static_cache_tensors(cache)
+        assert [t.shape for t in moved] == [t.shape for t in static]
+        assert any(a is not b for a, b in zip(moved, static, strict=True))  # the step returned new states
+        adapter.set_static_cache_tensors(cache, static)
+        assert all(a is b for a, b in zip(adapter.static_cache_tensors(cache), static, strict=True))
+        assert all(any(cache[layer]["recurrent_state"] is t for t in static) for layer in adapter.linear_layers())
+
+
+def test_static_cache_tensors_refuse_a_cache_with_attention_layers():
+    """fla's hybrid blocks keep their key/value cache in ``attn_state``; it grows, so it cannot stay in place."""
+    from staterank.models import StaticCacheError
+
+    model, adapter = make_model("delta_net")
+    with torch.no_grad():
+        cache = model(input_ids=tokens(batch=1), use_cache=True).past_key_values
+    cache[1]["attn_state"] = (torch.zeros(1, 37, 2, 16), torch.zeros(1, 37, 2, 16))  # what an attention block writes
+    with pytest.raises(StaticCacheError, match="attention layers.*grows"):
+        adapter.static_cache_tensors(cache)
+    with pytest.raises(StaticCacheError, match="not a recurrent cache of fixed size"):
+        adapter.static_cache_tensors(object())
+
+
+def test_keep_heads_cuts_one_layer_and_remove_heads_per_layer_writes_the_per_layer_config():
+    model, adapter = make_model("delta_net")
+    adapter.keep_heads(0, torch.tensor([1, 3]), torch.tensor([1, 3]))
+    assert [(s.num_k_heads, s.num_v_heads) for s in adapter.shapes()] == [(2, 2), (4, 4)]
+    assert model.config.model_type == "delta_net" and model.config.num_heads == 4  # the config is the caller's
+
+    model, adapter = make_model("gated_deltanet")
+    adapter.remove_heads({0: [0]}, per_layer=True)
+    assert model.config.model_type == adapter.per_layer_model_type == "staterank_gated_deltanet"
+    assert model.config.staterank_layer_heads == {"0": [1, 1], "1": [2, 2]}
+    assert (model.config.num_heads, model.config.num_v_heads) == (2, 2)  # the largest layer's, for the stock model

@@ -322,6 +322,23 @@ def test_remove_heads_rejects_uneven_groups(model):
         adapter.remove_heads({layer: [0] for layer in LINEAR})  # key head 0 keeps 2 value heads, key head 1 keeps 3
 
 
+def test_per_layer_head_counts_are_refused_before_any_surgery(model):
+    """Qwen configs hold one head count for every layer: no per-layer config, and the model is left whole."""
+    adapter = adapter_for(model)
+    with pytest.raises(PruningShapeError, match="no per-layer head-count config"):
+        adapter.remove_heads({0: [0, 1, 2]}, per_layer=True)  # layer 0 to 1 x 3 heads, the others 2 x 3
+    assert [(s.num_k_heads, s.num_v_heads) for s in adapter.shapes()] == [(HK, HV)] * len(LINEAR)
+
+
+def test_static_cache_is_refused_because_attention_layers_grow(model, ids):
+    from staterank.models import StaticCacheError
+
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    with pytest.raises(StaticCacheError, match=r"full-attention layers \(1\) keep a key/value cache that grows"):
+        adapter_for(model).static_cache_tensors(cache)
+
+
 def test_channels_then_heads_then_generation_in_bfloat16(model, ids):
     adapter = adapter_for(model)
     adapter.keep_qk_channels({layer: torch.stack([torch.randperm(DK)[:8] for _ in range(HK)]) for layer in LINEAR})

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from staterank.errors import StaterankError
 from staterank.loading import LoadedModel
+from staterank.models import StaticCacheError, adapter_for
 
 
 class BenchError(StaterankError):
@@ -75,31 +75,28 @@ class StaticDecoder:
     The prompt fills the cache; every :meth:`step` feeds the static ``token`` [B, 1], copies the
     states the model returns into the tensors the cache held before and puts those back. A step
     therefore reads and writes the same addresses every time, so it can be captured in a CUDA graph
-    and replayed. Needs a cache of fixed size: fla's recurrent caches (DeltaNet, Gated DeltaNet), not
-    the growing key/value caches of hybrid models' attention layers.
+    and replayed. Needs a cache of fixed size, which the model's adapter keeps in place
+    (:meth:`~staterank.models.base.ModelAdapter.static_cache_tensors`; it says why another cannot be).
     """
 
     def __init__(self, model, prompt: torch.Tensor):
         self.model = model
+        self.adapter = adapter_for(model)
         self.cache = model(input_ids=prompt, use_cache=True).past_key_values
-        layers = getattr(self.cache, "layers", None)
-        if layers is None or not all(isinstance(getattr(layer, "state", None), dict) for layer in layers):
-            raise BenchError(f"{type(self.cache).__name__} is not a recurrent cache of fixed size")
-        if any(layer.state.get("attn_state") is not None for layer in layers):
-            raise BenchError("the model has attention layers, whose key/value cache grows with every token")
+        try:
+            self.states = self.adapter.static_cache_tensors(self.cache)  # the tensors every step writes into
+        except StaticCacheError as error:
+            raise BenchError(str(error)) from None
         self.token = prompt[:, -1:].clone()
-        self.states = [tree_flatten(layer.state) for layer in layers]  # [(leaves, spec)] per layer
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """Decode one token; returns the logits [B, 1, vocab] (a new tensor, or the graph's output)."""
         logits = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True).logits
-        for layer, (leaves, spec) in zip(self.cache.layers, self.states, strict=True):
-            new_leaves, _ = tree_flatten(layer.state)
-            for static, new in zip(leaves, new_leaves, strict=True):
-                if isinstance(static, torch.Tensor) and new is not static:
-                    static.copy_(new)
-            layer.state = tree_unflatten(leaves, spec)
+        for static, new in zip(self.states, self.adapter.static_cache_tensors(self.cache), strict=True):
+            if new is not static:
+                static.copy_(new)
+        self.adapter.set_static_cache_tensors(self.cache, self.states)
         return logits
 
 

@@ -22,19 +22,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from staterank.loading import BUNDLED, LoadedModel
-from staterank.models import ADAPTERS, adapter_for
-from staterank.models.qwen3_5 import Qwen35Adapter
-from staterank.models.qwen3_next import Qwen3NextAdapter
-from staterank.models.varheads import CONFIGS
-
-#: Families vLLM serves through its Qwen3-Next / Qwen3.5 Gated DeltaNet layer (it reads ``linear_key_head_dim``).
-VLLM_GDN_TYPES = (*Qwen3NextAdapter.model_types, *Qwen35Adapter.model_types)
-#: staterank's per-layer head-count configs (``--scope global``): they load once ``staterank`` is imported.
-PER_LAYER_TYPES = tuple(cls.model_type for cls in CONFIGS.values())
-#: The only head dim of the FlashInfer GDN prefill kernel that vLLM picks on Hopper.
-FLASHINFER_GDN_HEAD_DIM = 128
-#: fla's chunk kernels assert K <= this (and process K in 64-wide blocks).
-FLA_MAX_K = 256
+from staterank.models import LayerShape, adapter_class, adapter_for
 
 _PLAIN_YAML = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*")
 _YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null"}
@@ -342,21 +330,8 @@ def _layout(layer: dict[str, int]) -> str:
 
 def _load_section(model: dict[str, Any], path: str) -> str:
     """A loading snippet with the import the family needs before transformers knows its model_type."""
-    model_type = model["model_type"]
-    if model_type in PER_LAYER_TYPES:
-        first = "import staterank  # registers the staterank_* model types (per-layer head counts) with transformers\n"
-        note = (
-            "The layers keep different numbers of heads (`staterank_layer_heads` in config.json), which "
-            "`import staterank` teaches transformers to build."
-        )
-    elif ADAPTERS[model_type].requires_fla:
-        first = "import fla  # registers flash-linear-attention's model classes with transformers\n"
-        note = (
-            "fla's kernels are Triton kernels for GPUs; on a CPU, `staterank.load_model(path)` loads the model "
-            "with staterank's PyTorch backend for them."
-        )
-    else:
-        first, note = "", "Stock transformers loads it; no extra import is needed."
+    first, note = adapter_class(model["model_type"]).load_import(model["model_type"])
+    first = f"{first}\n" if first else ""
     snippet = (
         f"```python\n{first}from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f"path = {path!r}\nmodel = AutoModelForCausalLM.from_pretrained(path)\n"
@@ -366,41 +341,9 @@ def _load_section(model: dict[str, Any], path: str) -> str:
 
 
 def _serve_section(model: dict[str, Any]) -> str:
-    """The serving constraints that apply to this model's family and shapes (DESIGN.md, serving facts)."""
-    model_type = model["model_type"]
-    head_k_dims = sorted({layer["head_k_dim"] for layer in model["layers"]})
-    dims = ", ".join(map(str, head_k_dims))
-    facts = []
-    if ADAPTERS[model_type].requires_fla:
-        fits = "within that limit" if head_k_dims[-1] <= FLA_MAX_K else "beyond that limit: the chunk kernels refuse it"
-        facts.append(
-            f"fla's chunk kernels assert K <= {FLA_MAX_K} and process K in 64-wide blocks; this model's K "
-            f"(d_k per head) is {dims}, {fits}."
-        )
-    if model_type in PER_LAYER_TYPES:
-        facts.append(
-            "vLLM and SGLang need one uniform head layout across layers (one `linear_key_head_dim`, one head "
-            "count in the config): this model's layers keep different numbers of heads, so it is not servable "
-            "there; serve it with transformers after `import staterank`."
-        )
-    if model_type in VLLM_GDN_TYPES:
-        if head_k_dims != [FLASHINFER_GDN_HEAD_DIM]:
-            facts.append(
-                f"vLLM reads `linear_key_head_dim` ({dims}) from the config, but on Hopper GPUs it picks a FlashInfer "
-                f"GDN prefill kernel that supports head dim {FLASHINFER_GDN_HEAD_DIM} only: this model needs vLLM's "
-                "Triton GDN prefill backend there, `vllm serve PATH --gdn-prefill-backend triton` (engine argument "
-                '`gdn_prefill_backend="triton"`).'
-            )
-        else:
-            facts.append(
-                f"vLLM reads `linear_key_head_dim` ({dims}) from the config; {FLASHINFER_GDN_HEAD_DIM} is the head dim "
-                "of the FlashInfer GDN prefill kernel it picks on Hopper GPUs, so its default backend serves it."
-            )
-        if len(head_k_dims) == 1:
-            uniform = f"this model has d_k {dims} in every linear-attention layer"
-        else:
-            uniform = f"this model's layers have d_k {dims}, so neither serves it"
-        facts.append(f"vLLM and SGLang need one uniform `linear_key_head_dim` across layers: {uniform}.")
+    """The serving constraints the family's adapter states for this model's shapes (DESIGN.md, serving facts)."""
+    shapes = [LayerShape(**layer) for layer in model["layers"]]
+    facts = adapter_class(model["model_type"]).serving_notes(model["model_type"], shapes)
     if not facts:
         return ""
     return "## How to serve it\n\n" + "\n".join(f"- {fact}" for fact in facts)

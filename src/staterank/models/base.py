@@ -8,8 +8,12 @@ Nothing outside ``staterank.models`` names a model's attributes (``q_proj``, ``i
   norm), v, beta and the log-decay that enter the delta rule, computed from the mixer's input;
 - the q/k projection weights per head (for weight-based channel scores);
 - :meth:`ModelAdapter.keep_qk_channels`: keep a channel subset of Q/K per key head;
-- :meth:`ModelAdapter.remove_heads`: remove whole heads;
-- the config update, so that stock ``AutoModelForCausalLM.from_pretrained`` rebuilds the result.
+- :meth:`ModelAdapter.remove_heads`: remove whole heads (:meth:`ModelAdapter.keep_heads`: one layer);
+- the config update, so that stock ``AutoModelForCausalLM.from_pretrained`` rebuilds the result;
+- the decoding cache's fixed-size tensors, which a CUDA-graphed decoder keeps in place
+  (:meth:`ModelAdapter.static_cache_tensors`);
+- what a checkpoint of the family needs to be loaded and served (:meth:`ModelAdapter.load_import`,
+  :meth:`ModelAdapter.serving_notes`), for model cards.
 
 The delta rule every family computes, per value head h with key head g(h) (grouped heads)::
 
@@ -23,7 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -34,6 +38,10 @@ from staterank.errors import StaterankError
 
 class PruningShapeError(StaterankError):
     """A channel or head selection that the model family cannot represent."""
+
+
+class StaticCacheError(StaterankError):
+    """A decoding cache whose tensors cannot keep their memory from step to step (it grows, or is not known)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,8 @@ class ModelAdapter(ABC):
     lora_targets: ClassVar[tuple[str, ...]] = ()
     #: parameter-name endings exempt from weight decay besides every vector (per-head decay and gates)
     no_decay_suffixes: ClassVar[tuple[str, ...]] = ()
+    #: model_type of the family's per-layer head-count configs (:mod:`staterank.models.varheads`); None: none
+    per_layer_model_type: ClassVar[str | None] = None
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -198,6 +208,22 @@ class ModelAdapter(ABC):
     def cached_state(self, cache, layer: int) -> torch.Tensor:
         """The recurrent state a forward with ``use_cache=True`` left in ``cache``: [B, Hv, d_k, d_v]."""
 
+    def static_cache_tensors(self, cache) -> list[torch.Tensor]:
+        """The tensors of a decoding cache that hold its whole, fixed-size state (recurrent states, convolution
+        windows), in an order that every call on the family's caches repeats.
+
+        A decoding step returns a cache holding new tensors of the same shapes in their place; copying those into
+        the tensors returned before and putting these back (:meth:`set_static_cache_tensors`) makes every step read
+        and write the same memory, as a CUDA graph needs. Raises :class:`StaticCacheError`, with the reason, for a
+        cache that grows with the sequence (attention layers' key/value caches) or that the family does not keep
+        in place.
+        """
+        raise StaticCacheError(f"{type(cache).__name__} is not a recurrent cache of fixed size ({self.family})")
+
+    def set_static_cache_tensors(self, cache, tensors: list[torch.Tensor]) -> None:
+        """Put ``tensors`` (ordered as :meth:`static_cache_tensors` returns them) into ``cache`` in place of its own."""
+        raise StaticCacheError(f"{type(cache).__name__} is not a recurrent cache of fixed size ({self.family})")
+
     @abstractmethod
     def qk_conv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Views of the short-convolution kernels of the q and k channels: ([Hk, d_k, W], [Hk, d_k, W]).
@@ -253,14 +279,14 @@ class ModelAdapter(ABC):
         self._set_head_k_dim(new_dim)
 
     def remove_heads(self, remove: dict[int, list[int]], per_layer: bool = False) -> None:
-        """Remove whole value heads (their state, and key heads left serving none).
+        """Remove whole value heads (their state, and key heads left serving none), and update the config.
 
         ``remove[layer]`` lists value-head indices. Every layer must end with the same head
-        layout, because a stock configuration holds one count, unless ``per_layer`` (then the
-        caller describes the model with a per-layer config, see :mod:`staterank.models.varheads`);
-        with grouped heads, every key head that keeps any value head must keep the same number
-        of them (the kernels assume equal groups), and a key head that keeps none is removed with
-        its q/k channels.
+        layout, because a stock configuration holds one count, unless ``per_layer``: layers left
+        with different layouts are then described by the family's per-layer config
+        (:attr:`per_layer_model_type`, see :mod:`staterank.models.varheads`). With grouped heads,
+        every key head that keeps any value head must keep the same number of them (the kernels
+        assume equal groups), and a key head that keeps none is removed with its q/k channels.
         """
         layers = self.linear_layers()
         layouts = set()
@@ -285,25 +311,36 @@ class ModelAdapter(ABC):
             kept_k = sorted(per_group)
             layouts.add((len(kept_k), len(kept_v)))
             plans[layer] = (torch.tensor(kept_k), torch.tensor(kept_v))
-        if len(layouts) != 1 and not per_layer:
+        if len(layouts) != 1 and not (per_layer and self.per_layer_model_type):
+            support = "" if not per_layer else f"{self.family} has no per-layer head-count config, so "
             raise PruningShapeError(
                 f"every layer must keep the same numbers of (key, value) heads, got {sorted(layouts)}; "
-                "remove the same number of heads in every layer"
+                f"{support}remove the same number of heads in every layer"
             )
         for layer, (kept_k, kept_v) in plans.items():
             if len(kept_v) < self.layer_shape(layer).num_v_heads:
-                self._keep_heads(layer, kept_k, kept_v)
+                self.keep_heads(layer, kept_k, kept_v)
         if len(layouts) == 1:
             num_k, num_v = layouts.pop()
             self._set_head_counts(num_k, num_v)
+        else:
+            from staterank.models.varheads import to_per_layer_heads
+
+            to_per_layer_heads(self.model, self)
 
     @abstractmethod
     def _keep_qk_channels(self, layer: int, index: torch.Tensor) -> None:
         """Slice one layer's q/k channels to ``index`` [Hk, d_k'] (projection rows, conv channels, ...)."""
 
     @abstractmethod
-    def _keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
-        """Slice one layer to the given key heads and value heads (sorted indices)."""
+    def keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
+        """Slice one layer to the key heads ``kept_k`` [G] and value heads ``kept_v`` [G * r'] (sorted; r' per key
+        head, grouped as :meth:`remove_heads` checks). Changes that layer's modules only, not the config."""
+
+    @abstractmethod
+    def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict[str, Any]:
+        """The config fields that make the family build ``num_k_heads`` key and ``num_v_heads`` value heads per
+        linear-attention layer at this model's head dims (the text config's, for multimodal configs)."""
 
     @abstractmethod
     def _set_head_k_dim(self, head_k_dim: int) -> None:
@@ -312,6 +349,32 @@ class ModelAdapter(ABC):
     @abstractmethod
     def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
         """Update the config (and the modules' cached sizes) to new head counts."""
+
+    # --- loading and serving (for model cards: class-level, they describe a checkpoint's model_type) -----------
+
+    @classmethod
+    def load_import(cls, model_type: str) -> tuple[str, str]:
+        """What loading a ``model_type`` checkpoint with transformers needs first: the import line (with a comment
+        saying why; '' when stock transformers knows the type) and a sentence for the reader."""
+        if model_type == cls.per_layer_model_type:
+            return (
+                "import staterank  # registers the staterank_* model types (per-layer head counts) with transformers",
+                "The layers keep different numbers of heads (`staterank_layer_heads` in config.json), which "
+                "`import staterank` teaches transformers to build.",
+            )
+        return "", "Stock transformers loads it; no extra import is needed."
+
+    @classmethod
+    def serving_notes(cls, model_type: str, shapes: list[LayerShape]) -> list[str]:
+        """What serving a ``model_type`` checkpoint whose linear-attention layers have ``shapes`` needs, or what
+        stops it (inference engines, kernel limits): one Markdown sentence each."""
+        if model_type == cls.per_layer_model_type:
+            return [
+                "vLLM and SGLang need one uniform head layout across layers (one `linear_key_head_dim`, one head "
+                "count in the config): this model's layers keep different numbers of heads, so it is not servable "
+                "there; serve it with transformers after `import staterank`."
+            ]
+        return []
 
 
 # --- small helpers shared by the adapters ------------------------------------------------------

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from staterank.models import register
 from staterank.models.base import LayerShape
 from staterank.models.fla_common import FlaAdapter
+from staterank.models.varheads import StaterankDeltaNetConfig
 
 
 @register
@@ -15,7 +18,8 @@ class DeltaNetAdapter(FlaAdapter):
     """Config: ``hidden_size``, ``num_heads``, ``expand_k``, ``expand_v`` (head_k_dim = hidden*expand_k/num_heads)."""
 
     family = "DeltaNet (flash-linear-attention)"
-    model_types = ("delta_net", "staterank_delta_net")  # the second: per-layer head counts (models/varheads.py)
+    per_layer_model_type = StaterankDeltaNetConfig.model_type
+    model_types = ("delta_net", per_layer_model_type)
     layer_class_name = "DeltaNet"
 
     def layer_shape(self, layer: int) -> LayerShape:
@@ -30,7 +34,7 @@ class DeltaNetAdapter(FlaAdapter):
             return F.elu(q) + 1, F.elu(k) + 1
         return q, k
 
-    def _keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
+    def keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
         mixer = self.mixer(layer)
         self._keep_key_heads(mixer, kept_k)
         self._keep_value_heads(mixer, kept_v)
@@ -42,11 +46,19 @@ class DeltaNetAdapter(FlaAdapter):
         for layer in self.linear_layers():
             self.mixer(layer).expand_k = self.config.expand_k
 
-    def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
+    def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict[str, Any]:
+        # the head dims are expand * hidden_size / num_heads: keep them by scaling expand_k, expand_v
         shape = self.layer_shape(self.linear_layers()[0])
-        self.config.num_heads = num_k_heads
-        self.config.expand_k = num_k_heads * shape.head_k_dim / self.config.hidden_size
-        self.config.expand_v = num_v_heads * shape.head_v_dim / self.config.hidden_size
+        hidden = self.config.hidden_size
+        return {
+            "num_heads": num_k_heads,
+            "expand_k": num_k_heads * shape.head_k_dim / hidden,
+            "expand_v": num_v_heads * shape.head_v_dim / hidden,
+        }
+
+    def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
+        for name, value in self.head_count_fields(num_k_heads, num_v_heads).items():
+            setattr(self.config, name, value)
         for layer in self.linear_layers():
             mixer = self.mixer(layer)
             mixer.expand_k, mixer.expand_v = self.config.expand_k, self.config.expand_v

@@ -5,6 +5,10 @@ Both keep separate ``q_proj``, ``k_proj``, ``v_proj`` projections, one ``ShortCo
 per-head output norm whose weight is shared by all heads, and ``o_proj``. The decoder blocks
 live at ``model.model.layers`` and the mixer at ``block.attn``; hybrid configs may put full
 attention in some blocks, which are not linear-attention layers.
+
+fla's cache (``FLACache``) keeps one ``FLALayer`` per block, whose ``state`` dict holds
+``recurrent_state``, ``conv_state`` (a tuple of the q, k, v windows), ``ffn_state`` and, in
+attention blocks, ``attn_state``: the key/value cache, which grows with every token.
 """
 
 from __future__ import annotations
@@ -14,17 +18,23 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from staterank.errors import UnsupportedModelError
 from staterank.models.base import (
     HeadFeatures,
+    LayerShape,
     ModelAdapter,
+    StaticCacheError,
     head_channels,
     per_head_channels,
     slice_conv_channels,
     slice_linear_columns,
     slice_linear_rows,
 )
+
+#: fla's chunk kernels assert K (d_k per head) <= this, and process K in 64-wide blocks.
+FLA_MAX_HEAD_K_DIM = 256
 
 
 def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu: bool) -> torch.Tensor:
@@ -124,6 +134,30 @@ class FlaAdapter(ModelAdapter):
         state = cache[layer]["recurrent_state"]  # [B, H, d_k, d_v]; Gated DeltaNet keeps [B, Hv, d_v, d_k]
         return state.transpose(-1, -2) if self.state_v_first else state
 
+    def static_cache_tensors(self, cache) -> list[torch.Tensor]:
+        layers = self._fixed_size_layers(cache)
+        return [leaf for layer in layers for leaf in tree_flatten(layer.state)[0] if isinstance(leaf, torch.Tensor)]
+
+    def set_static_cache_tensors(self, cache, tensors: list[torch.Tensor]) -> None:
+        layers = self._fixed_size_layers(cache)
+        flat = [tree_flatten(layer.state) for layer in layers]  # [(leaves, spec)] per layer
+        held = sum(isinstance(x, torch.Tensor) for leaves, _ in flat for x in leaves)
+        if held != len(tensors):
+            raise ValueError(f"the cache holds {held} state tensors, got {len(tensors)}")
+        static = iter(tensors)
+        for layer, (leaves, spec) in zip(layers, flat, strict=True):
+            layer.state = tree_unflatten([next(static) if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+
+    @staticmethod
+    def _fixed_size_layers(cache) -> list:
+        """The cache's ``FLALayer``s, if none of them keeps a key/value cache that grows."""
+        layers = getattr(cache, "layers", None)
+        if layers is None or not all(isinstance(getattr(layer, "state", None), dict) for layer in layers):
+            raise StaticCacheError(f"{type(cache).__name__} is not a recurrent cache of fixed size")
+        if any(layer.state.get("attn_state") is not None for layer in layers):
+            raise StaticCacheError("the model has attention layers, whose key/value cache grows with every token")
+        return layers
+
     def qk_conv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         mixer, shape = self.mixer(layer), self.layer_shape(layer)
         if not mixer.use_short_conv:
@@ -160,6 +194,30 @@ class FlaAdapter(ModelAdapter):
             slice_linear_rows(mixer.g_proj, value_rows)
         slice_linear_columns(mixer.o_proj, value_rows)
         mixer.value_dim = mixer.head_v_dim * len(kept_v)
+
+    @classmethod
+    def load_import(cls, model_type: str) -> tuple[str, str]:
+        if model_type == cls.per_layer_model_type:
+            return super().load_import(model_type)
+        return (
+            "import fla  # registers flash-linear-attention's model classes with transformers",
+            "fla's kernels are Triton kernels for GPUs; on a CPU, `staterank.load_model(path)` loads the model "
+            "with staterank's PyTorch backend for them.",
+        )
+
+    @classmethod
+    def serving_notes(cls, model_type: str, shapes: list[LayerShape]) -> list[str]:
+        head_k_dims = sorted({shape.head_k_dim for shape in shapes})
+        fits = (
+            "within that limit"
+            if head_k_dims[-1] <= FLA_MAX_HEAD_K_DIM
+            else "beyond that limit: the chunk kernels refuse it"
+        )
+        kernels = (
+            f"fla's chunk kernels assert K <= {FLA_MAX_HEAD_K_DIM} and process K in 64-wide blocks; this model's K "
+            f"(d_k per head) is {', '.join(map(str, head_k_dims))}, {fits}."
+        )
+        return [kernels, *super().serving_notes(model_type, shapes)]
 
     def _keep_key_heads(self, mixer: nn.Module, kept_k: torch.Tensor) -> None:
         key_rows = head_channels(kept_k, mixer.head_k_dim)

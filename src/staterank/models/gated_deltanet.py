@@ -7,12 +7,15 @@ g_t = -exp(A_log) * softplus(a_proj(x_t) + dt_bias), one per value head.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from staterank.models import register
 from staterank.models.base import LayerShape, slice_linear_rows, slice_vector
 from staterank.models.fla_common import FlaAdapter, float_ratio
+from staterank.models.varheads import StaterankGatedDeltaNetConfig
 
 
 @register
@@ -20,7 +23,8 @@ class GatedDeltaNetAdapter(FlaAdapter):
     """Config: ``num_heads`` (key heads), ``num_v_heads``, ``head_dim`` (d_k), ``expand_v`` (d_v = d_k * expand_v)."""
 
     family = "Gated DeltaNet (flash-linear-attention)"
-    model_types = ("gated_deltanet", "staterank_gated_deltanet")  # the second: per-layer head counts
+    per_layer_model_type = StaterankGatedDeltaNetConfig.model_type
+    model_types = ("gated_deltanet", per_layer_model_type)
     layer_class_name = "GatedDeltaNet"
     state_v_first = True  # fla 0.6.0's GatedDeltaNet calls its kernels with state_v_first=True
 
@@ -31,7 +35,7 @@ class GatedDeltaNetAdapter(FlaAdapter):
     def _log_decay(self, mixer, hidden: torch.Tensor) -> torch.Tensor:
         return -mixer.A_log.float().exp() * F.softplus(mixer.a_proj(hidden).float() + mixer.dt_bias.float())
 
-    def _keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
+    def keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
         mixer = self.mixer(layer)
         self._keep_key_heads(mixer, kept_k)
         self._keep_value_heads(mixer, kept_v)
@@ -49,6 +53,9 @@ class GatedDeltaNetAdapter(FlaAdapter):
             mixer = self.mixer(layer)
             mixer.head_dim, mixer.expand_v = head_k_dim, self.config.expand_v
 
+    def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict[str, Any]:
+        return {"num_heads": num_k_heads, "num_v_heads": num_v_heads}  # head_dim and expand_v keep d_k, d_v
+
     def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
-        self.config.num_heads = num_k_heads
-        self.config.num_v_heads = num_v_heads
+        for name, value in self.head_count_fields(num_k_heads, num_v_heads).items():
+            setattr(self.config, name, value)

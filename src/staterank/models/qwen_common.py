@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +28,16 @@ from staterank.models.base import (
     HeadFeatures,
     LayerShape,
     ModelAdapter,
+    StaticCacheError,
     head_channels,
     slice_conv_channels,
     slice_linear_columns,
     slice_vector,
 )
 from staterank.models.fla_common import causal_depthwise_conv
+
+#: The only head dim of the FlashInfer GDN prefill kernel that vLLM picks on Hopper GPUs.
+FLASHINFER_GDN_HEAD_DIM = 128
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,17 @@ class QwenGatedDeltaNetAdapter(ModelAdapter):
     def cached_state(self, cache, layer: int) -> torch.Tensor:
         return cache.layers[layer].recurrent_states[0]  # [B, Hv, d_k, d_v], as the torch reference keeps it
 
+    def static_cache_tensors(self, cache) -> list[torch.Tensor]:
+        attention = [i for i in range(len(self.decoder_layers())) if self.mixer(i) is None]
+        reason = (
+            f"its full-attention layers ({', '.join(map(str, attention))}) keep a key/value cache that grows with "
+            "every token"
+            if attention
+            else "staterank does not keep transformers' linear-attention cache layers in place"
+        )
+        cache_name = type(cache).__name__
+        raise StaticCacheError(f"{self.family}: {cache_name} is not a recurrent cache of fixed size: {reason}")
+
     def qk_conv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         mixer, shape = self.mixer(layer), self.layer_shape(layer)
         weight = mixer.conv1d.weight.data  # [q | k | v channels, 1, W]
@@ -163,7 +179,7 @@ class QwenGatedDeltaNetAdapter(ModelAdapter):
     def _keep_qk_channels(self, layer: int, index: torch.Tensor) -> None:
         self._slice(layer, Selection.channels(self.layer_shape(layer), index))
 
-    def _keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
+    def keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
         self._slice(layer, Selection.heads(self.layer_shape(layer), kept_k, kept_v))
 
     def _slice(self, layer: int, selection: Selection) -> None:
@@ -184,6 +200,38 @@ class QwenGatedDeltaNetAdapter(ModelAdapter):
     def _set_head_k_dim(self, head_k_dim: int) -> None:
         self.text_config.linear_key_head_dim = head_k_dim
 
+    def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict[str, Any]:
+        return {"linear_num_key_heads": num_k_heads, "linear_num_value_heads": num_v_heads}
+
     def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
-        self.text_config.linear_num_key_heads = num_k_heads
-        self.text_config.linear_num_value_heads = num_v_heads
+        for name, value in self.head_count_fields(num_k_heads, num_v_heads).items():
+            setattr(self.text_config, name, value)
+
+    # --- serving ------------------------------------------------------------------------------
+
+    @classmethod
+    def serving_notes(cls, model_type: str, shapes: list[LayerShape]) -> list[str]:
+        # vLLM serves both families through its Qwen3-Next / Qwen3.5 Gated DeltaNet layer; SGLang likewise
+        head_k_dims = sorted({shape.head_k_dim for shape in shapes})
+        dims = ", ".join(map(str, head_k_dims))
+        if head_k_dims != [FLASHINFER_GDN_HEAD_DIM]:
+            prefill = (
+                f"vLLM reads `linear_key_head_dim` ({dims}) from the config, but on Hopper GPUs it picks a FlashInfer "
+                f"GDN prefill kernel that supports head dim {FLASHINFER_GDN_HEAD_DIM} only: this model needs vLLM's "
+                "Triton GDN prefill backend there, `vllm serve PATH --gdn-prefill-backend triton` (engine argument "
+                '`gdn_prefill_backend="triton"`).'
+            )
+        else:
+            prefill = (
+                f"vLLM reads `linear_key_head_dim` ({dims}) from the config; {FLASHINFER_GDN_HEAD_DIM} is the head dim "
+                "of the FlashInfer GDN prefill kernel it picks on Hopper GPUs, so its default backend serves it."
+            )
+        if len(head_k_dims) == 1:
+            uniform = f"this model has d_k {dims} in every linear-attention layer"
+        else:
+            uniform = f"this model's layers have d_k {dims}, so neither serves it"
+        return [
+            *super().serving_notes(model_type, shapes),
+            prefill,
+            f"vLLM and SGLang need one uniform `linear_key_head_dim` across layers: {uniform}.",
+        ]

@@ -5,7 +5,10 @@ A stock configuration holds one head count for every layer. A model pruned layer
 other fields those of the family with the largest count of any layer. ``import staterank`` registers these
 types with transformers' Auto classes, so ``AutoModelForCausalLM.from_pretrained`` loads them: it builds the
 family's stock model at the largest count, cuts every layer down to its own count (the adapter's head
-surgery), then loads the weights.
+surgery, :meth:`~staterank.models.base.ModelAdapter.keep_heads`), then loads the weights. The family's adapter says
+which config fields hold the head counts (:meth:`~staterank.models.base.ModelAdapter.head_count_fields`) and names
+its per-layer type (``per_layer_model_type``); :meth:`~staterank.models.base.ModelAdapter.remove_heads` with
+``per_layer=True`` writes the config.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def build(config: PretrainedConfig):
     for layer, (num_k, num_v) in config.staterank_layer_heads.items():
         shape = adapter.layer_shape(int(layer))
         if (num_k, num_v) != (shape.num_k_heads, shape.num_v_heads):
-            adapter._keep_heads(int(layer), torch.arange(num_k), torch.arange(num_v))
+            adapter.keep_heads(int(layer), torch.arange(num_k), torch.arange(num_v))
     model.config = config  # what describes the model now, and what save_pretrained writes
     return model
 
@@ -65,15 +68,7 @@ def to_per_layer_heads(model, adapter) -> None:
     shapes = adapter.shapes()
     num_k, num_v = max(s.num_k_heads for s in shapes), max(s.num_v_heads for s in shapes)
     fields = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_BASE_FIELDS}
-    if base_type == "delta_net":  # head dims are expand * hidden / num_heads there
-        hidden = fields["hidden_size"]
-        fields.update(
-            num_heads=num_k,
-            expand_k=num_k * shapes[0].head_k_dim / hidden,
-            expand_v=num_v * shapes[0].head_v_dim / hidden,
-        )
-    else:
-        fields.update(num_heads=num_k, num_v_heads=num_v)
+    fields.update(adapter.head_count_fields(num_k, num_v))
     layer_heads = {str(s.layer): [s.num_k_heads, s.num_v_heads] for s in shapes}
     model.config = CONFIGS[base_type](**fields, staterank_layer_heads=layer_heads)
 
