@@ -191,3 +191,91 @@ def test_registry_and_lookup():
         get_criterion("rrqr", f=1.0)
     assert get_criterion("rrqr", f=2.0, normalize=True).f == 2.0
     assert get_criterion("pca", include_queries=True).include_queries
+
+
+def test_the_registry_helper():
+    """One helper behind both registries: duplicates, unknown names and options, option types, one-line help."""
+    from dataclasses import dataclass
+
+    from staterank.prune.heads import HEAD_CRITERIA, HeadCriterionError, get_head_criterion
+    from staterank.registry import Registry
+
+    registry = Registry("toy", CriterionError)
+
+    @registry.register
+    @dataclass
+    class Toy:
+        """Keeps everything.
+
+        More detail that the help leaves out."""
+
+        name = "toy"
+        size: int = 2
+        scale: float = 1.0
+        flag: bool = False
+
+    assert list(registry) == registry.names() == ["toy"] and "toy" in registry and registry["toy"] is Toy
+    assert registry.help("toy") == "Keeps everything." and registry.describe() == "toy: Keeps everything"
+    assert registry.get("toy", size=3, scale=2).scale == 2  # an int is a float
+    with pytest.raises(ValueError, match="'toy' is registered twice"):
+        registry.register(dataclass(type("Other", (), {"name": "toy", "__doc__": "Another."})))
+    with pytest.raises(CriterionError, match="option size takes a whole number, got 'x'"):
+        registry.get("toy", size="x")
+    with pytest.raises(CriterionError, match="option flag takes true or false, got 1"):
+        registry.get("toy", flag=1)
+    with pytest.raises(CriterionError, match="option scale takes a number, got True"):
+        registry.get("toy", scale=True)
+
+    # the two registries of criteria: every entry has a help line; lookups refuse with the registry's error
+    for criteria in (CHANNEL_CRITERIA, HEAD_CRITERIA):
+        assert all(criteria.help(name) and "%" not in criteria.help(name) for name in criteria)
+    assert list(HEAD_CRITERIA) == ["jrnp", "heads-rank", "heads-norm", "heads-low-rank", "heads-random"]
+    with pytest.raises(HeadCriterionError, match="'jrnp' has no option beta; its options: alpha"):
+        get_head_criterion("jrnp", beta=1)
+    with pytest.raises(HeadCriterionError, match="heads-low-rank, heads-norm, heads-random, heads-rank, jrnp"):
+        get_head_criterion("saturation")
+    with pytest.raises(CriterionError, match="max_swaps must be at least 0"):
+        get_criterion("rrqr", max_swaps=-1)
+    with pytest.raises(CriterionError, match="option rotate takes true or false"):
+        get_criterion("pca", rotate="yes")
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        ("magnitude", {}, "unknown method 'magnitude'; q/k channel methods: l1, pca"),
+        ("rrqr", {"f": 1.0}, "f must exceed 1"),
+        ("rrqr", {"g": 2}, "no option g"),
+        ("rrqr", {}, "is data-driven: pass --data"),
+        ("jrnp", {"alpha": 2.0, "data": "techdocs"}, "--alpha must be in [0, 1]"),
+        ("heads-random", {"unit": "query"}, "--unit must be one of"),
+        ("heads-random", {"scope": "global", "unit": "key"}, "--unit applies to --scope layer"),
+        ("jrnp", {}, "pass --data"),
+    ],
+)
+def test_prune_refuses_methods_and_options_before_loading(method, options, message, tmp_path):
+    """The model does not exist: each refusal comes from the option itself, before any loading."""
+    from staterank import api
+
+    extra = {name: options.pop(name) for name in ("data", "scope", "unit", "alpha") if name in options}
+    with pytest.raises(StaterankError) as refused:
+        api.prune(tmp_path / "no-model", method, 0.5, tmp_path / "out", options=options, **extra)
+    assert message in str(refused.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_help_lists_every_registered_method(capsys):
+    from staterank.cli import main
+    from staterank.prune.heads import HEAD_CRITERIA
+
+    def squeezed(text: str) -> str:  # argparse rewraps help text, breaking lines at spaces and hyphens
+        return "".join(text.split())
+
+    assert main(["prune", "--help"]) == 0
+    prune_help = squeezed(capsys.readouterr().out)
+    assert main(["--help"]) == 0
+    top_help = squeezed(capsys.readouterr().out)
+    for criteria in (CHANNEL_CRITERIA, HEAD_CRITERIA):
+        for name in criteria:
+            assert squeezed(f"{name}: {criteria.help(name).rstrip('.')}") in prune_help
+        assert squeezed(", ".join(criteria)) in top_help

@@ -24,7 +24,7 @@ from staterank.data import load_sequences
 from staterank.errors import StaterankError
 from staterank.loading import LoadedModel
 from staterank.models import ModelAdapter
-from staterank.prune.channels import ChannelSelection, get_criterion
+from staterank.prune.channels import ChannelCriterion, ChannelSelection, get_criterion
 
 
 class PruningOptionError(StaterankError):
@@ -53,10 +53,25 @@ def default_align(head_k_dim: int, kept: int) -> int:
     return 1
 
 
-def requested_dim(head_k_dim: int, ratio: float) -> int:
-    """floor(d_k * (1 - ratio)): the channels per head that the ratio asks to keep."""
+def check_ratio_and_align(ratio: float, align: int | None = None) -> None:
+    """Refuse a ratio outside [0, 1) or an alignment below 1 (``None``: the default alignment)."""
     if not 0 <= ratio < 1:
         raise PruningOptionError(f"--ratio must be in [0, 1), got {ratio}")
+    if align is not None and align < 1:
+        raise PruningOptionError(f"--align must be a positive integer, got {align}")
+
+
+def check_channel_options(criterion: ChannelCriterion, ratio: float, align: int | None, data: str | None) -> None:
+    """Refuse, before any model is loaded, what no model could honour: :func:`check_ratio_and_align`, and a
+    data-driven criterion without calibration data. (The criterion checked its own options when it was built.)"""
+    check_ratio_and_align(ratio, align)
+    if criterion.needs and data is None:
+        raise PruningOptionError(f"method {criterion.name!r} is data-driven: pass --data")
+
+
+def requested_dim(head_k_dim: int, ratio: float) -> int:
+    """floor(d_k * (1 - ratio)): the channels per head that the ratio asks to keep."""
+    check_ratio_and_align(ratio)
     return math.floor(head_k_dim * (1 - ratio) + 1e-9)
 
 
@@ -65,8 +80,7 @@ def kept_dim(head_k_dim: int, ratio: float, align: int | None = None) -> int:
 
     ``align=None`` takes :func:`default_align`: 16 or 8 where that costs little, unaligned otherwise.
     """
-    if align is not None and align < 1:
-        raise PruningOptionError(f"--align must be a positive integer, got {align}")
+    check_ratio_and_align(ratio, align)
     kept = requested_dim(head_k_dim, ratio)
     if align is None:
         align = default_align(head_k_dim, kept)
@@ -134,6 +148,7 @@ def prune_channels(
     start = time.perf_counter()
     adapter = loaded.adapter
     criterion = get_criterion(method, **(options or {}))
+    check_channel_options(criterion, ratio, align, data)
     dims = {shape.head_k_dim for shape in adapter.shapes()}
     if len(dims) != 1:
         raise PruningOptionError(f"layers differ in d_k ({sorted(dims)}); channel pruning needs one d_k")
@@ -142,8 +157,6 @@ def prune_channels(
 
     calibration = None
     if criterion.needs:
-        if data is None:
-            raise PruningOptionError(f"method {method!r} is data-driven: pass --data")
         sequences = load_sequences(data, loaded.tokenizer, seq_len, max_tokens=calib_tokens, shuffle=True, seed=seed)
         calibration = calibrate(
             adapter, sequences, batch_size=batch_size, gradients="gradients" in criterion.needs, progress=progress

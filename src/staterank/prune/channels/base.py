@@ -1,15 +1,16 @@
-"""The interface of a Q/K channel criterion, and the registry that names them."""
+"""The interface of a Q/K channel criterion, and the registry that names them (:class:`staterank.registry.Registry`)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
 from staterank.errors import StaterankError
+from staterank.registry import Registry
 
 if TYPE_CHECKING:
     from staterank.calibrate import LayerStats
@@ -95,14 +96,6 @@ def as_float64(tensor: Tensor) -> Tensor:
     return tensor.detach().to("cpu", torch.float64)
 
 
-CHANNEL_CRITERIA: dict[str, type[ChannelCriterion]] = {}
-
-C = TypeVar("C", bound=type[ChannelCriterion])
-
-
-def register(cls: C) -> C:
-    """Class decorator: make a criterion available to :func:`get_criterion` under ``cls.name``."""
-    if cls.name in CHANNEL_CRITERIA:
-        raise ValueError(f"channel criterion {cls.name!r} is registered twice")
-    CHANNEL_CRITERIA[cls.name] = cls
-    return cls
+#: The channel criteria by name; ``register`` is the class decorator that adds one.
+CHANNEL_CRITERIA: Registry[ChannelCriterion] = Registry("channel criterion", CriterionError)
+register = CHANNEL_CRITERIA.register

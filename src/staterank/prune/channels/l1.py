@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 @register
 @dataclass
 class L1Criterion(ScoreCriterion):
-    """score[h, c] = ||W_q[h, c, :]||_1 + ||W_k[h, c, :]||_1, with W_q, W_k [Hk, d_k, hidden]. Needs no data."""
+    """The L1 norms of each channel's q and k projection rows (weight magnitude).
+
+    score[h, c] = ||W_q[h, c, :]||_1 + ||W_k[h, c, :]||_1, with W_q, W_k [Hk, d_k, hidden].
+    """
 
     name = "l1"
     needs = frozenset()

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 @register
 @dataclass
 class PCACriterion(ChannelCriterion):
-    """Per head, the top-``keep`` eigenvectors of G = gram_k_normed[h] (+ gram_q_normed[h] with ``include_queries``).
+    """The channels carrying most of the normalised keys' principal subspace (option rotate=true).
 
+    Per head, the top-``keep`` eigenvectors of G = gram_k_normed[h] (+ gram_q_normed[h] with ``include_queries``).
     G [d_k, d_k] sums k_t k_t^T over the L2-normalised keys the delta rule sees, so its top eigenvectors span the
     subspace that holds most of their energy. Returns ``basis`` [Hk, keep, d_k] (orthonormal rows, by decreasing
     eigenvalue; each row's sign makes its largest entry positive, for reproducibility): the pruned head would use

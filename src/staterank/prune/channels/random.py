@@ -17,9 +17,9 @@ if TYPE_CHECKING:
 @register
 @dataclass
 class RandomCriterion(ChannelCriterion):
-    """A uniformly random subset of ``keep`` channels per head, drawn from ``generator`` (reproducible by seed).
+    """A seeded random subset of channels per head, the baseline.
 
-    index [Hk, keep]; no scores.
+    ``keep`` channels per head drawn uniformly from ``generator`` (reproducible by seed): index [Hk, keep]; no scores.
     """
 
     name = "random"

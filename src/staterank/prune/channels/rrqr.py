@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 @register
 @dataclass
 class RRQRCriterion(ChannelCriterion):
-    """Per head, the first ``keep`` pivots of strong RRQR (:func:`staterank.rrqr.strong_rrqr`, bound ``f``) of M.
+    """Strong rank-revealing QR of the stacked q and k features (option f > 1, default 1.5).
 
+    Per head, the first ``keep`` pivots of strong RRQR (:func:`staterank.rrqr.strong_rrqr`, bound ``f``) of M.
     M = [Q; K] [2 T, d_k] stacks the query and key features of the head over the T calibration tokens (only K
     without ``use_queries``). M^T M = gram_q[h] + gram_k[h], and RRQR's choice depends on M only through M^T M, so
     it runs on ``gram_factor`` of that sum. The features are taken before the L2 norm, as the reference code did;
@@ -38,6 +39,8 @@ class RRQRCriterion(ChannelCriterion):
     def __post_init__(self) -> None:
         if not self.f > 1:
             raise CriterionError(f"rrqr: f must exceed 1, got {self.f}")
+        if self.max_swaps < 0:
+            raise CriterionError(f"rrqr: max_swaps must be at least 0, got {self.max_swaps}")
 
     def _select(
         self, stats: LayerStats | None, weights: tuple[Tensor, Tensor], keep: int, generator: torch.Generator

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 @register
 @dataclass
 class TaylorCriterion(ScoreCriterion):
-    """score[h, c] = taylor_q[h, c] + taylor_k[h, c], each [Hk, d_k].
+    """First-order Taylor importance |W dL/dW|, summed over each channel's q and k rows.
 
+    score[h, c] = taylor_q[h, c] + taylor_k[h, c], each [Hk, d_k].
     taylor_*[h, c] = sum over calibration batches and inputs j of |W[h, c, j] dL/dW[h, c, j]|, the first-order
     estimate of the loss change from zeroing the channel's weights one at a time (the sum over batches rather than
     the mean does not change the ranking).

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 @register
 @dataclass
 class WandaCriterion(ScoreCriterion):
-    """score[h, c] = sum_j (|W_q[h, c, j]| + |W_k[h, c, j]|) ||X_j||.
+    """Wanda, |weight| x the norm of its input, summed over each channel's q and k rows.
 
+    score[h, c] = sum_j (|W_q[h, c, j]| + |W_k[h, c, j]|) ||X_j||.
     W_q, W_k [Hk, d_k, hidden]; ||X_j|| = sqrt(input_sq[j]) [hidden], the norm over calibration tokens of input
     feature j of the q/k projections. Wanda scores single weights |W_cj| ||X_j||; a channel is a whole row of
     both projections, so its score is the sum over the row.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -32,29 +32,32 @@ __all__ = [
     "HeadCriterionError",
     "HeadProfile",
     "HeadPruningResult",
+    "SCOPES",
+    "UNITS",
+    "check_head_options",
+    "check_ratio",
+    "check_unit",
     "get_head_criterion",
     "heads_to_remove",
     "heads_to_remove_globally",
-    "UNITS",
+    "plan_global_removal",
+    "plan_removal",
     "prune_heads",
     "register",
 ]
 
 
 def get_head_criterion(name: str, **options) -> HeadCriterion:
-    if name not in HEAD_CRITERIA:
-        raise HeadCriterionError(f"unknown head criterion {name!r}; available: {', '.join(sorted(HEAD_CRITERIA))}")
-    cls = HEAD_CRITERIA[name]
-    unknown = sorted(set(options) - {field.name for field in fields(cls)})
-    if unknown:
-        raise HeadCriterionError(f"{name} has no option {', '.join(unknown)}")
-    return cls(**options)
+    """The criterion registered as ``name``, with its options set (HeadCriterionError for unknown names or options)."""
+    return HEAD_CRITERIA.get(name, **options)
 
 
 #: How far (relative) the fraction of heads actually removed may be from the requested ratio.
 TOLERANCE = 0.25
 #: The removable units: ``"auto"`` takes whichever of the two comes closest to the ratio.
 UNITS = ("auto", "value", "key")
+#: Where heads are counted: the same number in every layer, or ranked over the whole model.
+SCOPES = ("layer", "global")
 
 
 @dataclass
@@ -84,9 +87,35 @@ def _fractions(units: int) -> str:
     return f"multiples of 1/{units} ({1 / units:.3g})"
 
 
-def _check_ratio(ratio: float) -> None:
+def check_ratio(ratio: float) -> None:
+    """Refuse a ratio outside [0, 1)."""
     if not 0 <= ratio < 1:
         raise HeadCriterionError(f"--ratio must be in [0, 1), got {ratio}")
+
+
+def check_unit(unit: str) -> None:
+    """Refuse a removal unit other than UNITS."""
+    if unit not in UNITS:
+        raise HeadCriterionError(f"--unit must be one of {', '.join(UNITS)}, got {unit!r}")
+
+
+def check_head_options(
+    criterion: HeadCriterion, ratio: float, data: str | None, scope: str = "layer", unit: str = "auto"
+) -> None:
+    """Refuse, before any model is loaded, what no model could honour: a ratio outside [0, 1), an unknown scope
+    or unit, ``--unit`` with ``--scope global``, a criterion that profiles states without calibration data.
+
+    (The criterion checked its own options when it was built; the refusals that depend on the head layout are
+    :func:`plan_removal` and :func:`plan_global_removal`.)
+    """
+    check_ratio(ratio)
+    if scope not in SCOPES:
+        raise HeadCriterionError(f"--scope must be 'layer' or 'global', got {scope!r}")
+    check_unit(unit)
+    if scope == "global" and unit != "auto":
+        raise HeadCriterionError("--unit applies to --scope layer; --scope global removes single heads")
+    if criterion.needs_profile and data is None:
+        raise HeadCriterionError(f"method {criterion.name!r} profiles the heads' states: pass --data")
 
 
 def _candidates(shape: LayerShape, ratio: float, unit: str) -> list[tuple[str, int, int]]:
@@ -129,29 +158,21 @@ def _refusal(shape: LayerShape, ratio: float, unit: str, scope_hint: str) -> str
     return f"--ratio {ratio} cannot be honoured: {what}{scope_hint}"
 
 
-def heads_to_remove(
-    shapes: dict[int, LayerShape],
-    scores: dict[int, torch.Tensor],
-    ratio: float,
-    remove_lowest: bool = False,
-    unit: str = "auto",
-) -> tuple[dict[int, list[int]], str]:
-    """Per layer, the value heads to remove (the same number in every layer), and the unit removed.
+def plan_removal(shapes: dict[int, LayerShape], ratio: float, unit: str = "auto") -> dict[int, tuple[str, int]]:
+    """Per layer, the unit removed and how many of it: (``"head"``, ``"value_head"`` or ``"key_head"``, count).
 
-    Without grouping a unit is a head. With grouped value heads it is either a value head (the
-    same number from every key head: the highest-scoring of each group) or a whole key head with
-    all its value heads (scored by their mean); ``unit="auto"`` takes the one whose fraction comes
-    closest to ``ratio``. A ratio that removes nothing, or whose nearest whole count is more than
-    TOLERANCE (relative) away, is refused with the ratios that work.
+    From the head layout alone, so a ratio that cannot be honoured is refused before any head is scored.
+    Without grouping a unit is a head. With grouped value heads it is either a value head (the same number
+    from every key head) or a whole key head with all its value heads; ``unit="auto"`` takes the one whose
+    fraction comes closest to ``ratio``. A ratio that removes nothing, or whose nearest whole count is more
+    than TOLERANCE (relative) away, is refused with the ratios that work.
     """
-    _check_ratio(ratio)
-    if unit not in UNITS:
-        raise HeadCriterionError(f"--unit must be one of {', '.join(UNITS)}, got {unit!r}")
-    removed: dict[int, list[int]] = {}
-    chosen_units = set()
+    check_ratio(ratio)
+    check_unit(unit)
+    plan: dict[int, tuple[str, int]] = {}
     for layer, shape in shapes.items():
         if ratio == 0:
-            removed[layer] = []
+            plan[layer] = ("head", 0)
             continue
         candidates = _candidates(shape, ratio, unit)
         if all(count >= units for _, count, units in candidates):
@@ -162,7 +183,26 @@ def heads_to_remove(
         if not fits:
             raise HeadCriterionError(_refusal(shape, ratio, unit, _global_hint(shapes, ratio)))
         kind, count, _ = fits[0]
-        chosen_units.add(kind)
+        plan[layer] = (kind, count)
+    return plan
+
+
+def heads_to_remove(
+    shapes: dict[int, LayerShape],
+    scores: dict[int, torch.Tensor],
+    ratio: float,
+    remove_lowest: bool = False,
+    unit: str = "auto",
+) -> tuple[dict[int, list[int]], str]:
+    """Per layer, the value heads to remove (the same number in every layer, :func:`plan_removal`), and the unit.
+
+    The highest-scoring units go (the lowest with ``remove_lowest``): value heads within each key head's group,
+    or whole key heads scored by the mean of their value heads. ``scores[layer]`` is [num_v_heads].
+    """
+    plan = plan_removal(shapes, ratio, unit)
+    removed: dict[int, list[int]] = {}
+    for layer, (kind, count) in plan.items():
+        shape = shapes[layer]
         order = torch.argsort(scores[layer], descending=not remove_lowest, stable=True).tolist()  # removal order
         if kind == "head":
             removed[layer] = sorted(order[:count])
@@ -174,30 +214,43 @@ def heads_to_remove(
             key_scores = scores[layer].double()[members].mean(1)  # [num_k_heads]
             keys = torch.argsort(key_scores, descending=not remove_lowest, stable=True)[:count]
             removed[layer] = sorted(members[keys].reshape(-1).tolist())
-    return removed, (chosen_units.pop() if len(chosen_units) == 1 else "head" if not chosen_units else "mixed")
+    kinds = {kind for kind, _ in plan.values()}
+    return removed, (kinds.pop() if len(kinds) == 1 else "head" if not kinds else "mixed")
 
 
-def heads_to_remove_globally(
-    shapes: dict[int, LayerShape], scores: dict[int, torch.Tensor], ratio: float, remove_lowest: bool = False
-) -> dict[int, list[int]]:
-    """The nearest whole number of heads to ratio x all heads, ranked over the whole model; every layer
-    keeps at least one head. A count that removes nothing or misses the ratio by more than TOLERANCE is refused."""
-    _check_ratio(ratio)
+def plan_global_removal(shapes: dict[int, LayerShape], ratio: float) -> int:
+    """How many heads ``--scope global`` removes: the whole number nearest to ratio x all heads.
+
+    From the head layout alone. Refused where layers group their value heads, where the count removes nothing
+    or misses the ratio by more than TOLERANCE, and where it exceeds what leaves every layer one head.
+    """
+    check_ratio(ratio)
     grouped = [layer for layer, shape in shapes.items() if shape.group_size > 1]
     if grouped:
         raise HeadCriterionError(
             f"--scope global needs one value head per key head; layers {grouped} group their value heads "
             "(use --scope layer)"
         )
-    candidates = [(float(score), layer, head) for layer, s in scores.items() for head, score in enumerate(s.tolist())]
-    candidates.sort(key=lambda c: c[0], reverse=not remove_lowest)  # stable: ties keep (layer, head) order
-    total = len(candidates)
-    budget = nearest_count(ratio, total)
-    if ratio > 0 and not honoured(ratio, budget, total):
+    total = sum(shape.num_v_heads for shape in shapes.values())
+    count = nearest_count(ratio, total)
+    if ratio > 0 and not honoured(ratio, count, total):
         raise HeadCriterionError(
             f"--ratio {ratio} cannot be honoured: the model has {total} heads, so the ratios that work are "
             f"{_fractions(total)}"
         )
+    if count > total - len(shapes):  # every layer keeps a head
+        raise HeadCriterionError(f"ratio {ratio} would remove every head of some layers")
+    return count
+
+
+def heads_to_remove_globally(
+    shapes: dict[int, LayerShape], scores: dict[int, torch.Tensor], ratio: float, remove_lowest: bool = False
+) -> dict[int, list[int]]:
+    """The :func:`plan_global_removal` count of heads, the highest-scoring (lowest with ``remove_lowest``) over
+    the whole model; a layer's last head stays, and the next best elsewhere goes instead."""
+    budget = plan_global_removal(shapes, ratio)
+    candidates = [(float(score), layer, head) for layer, s in scores.items() for head, score in enumerate(s.tolist())]
+    candidates.sort(key=lambda c: c[0], reverse=not remove_lowest)  # stable: ties keep (layer, head) order
     removed: dict[int, list[int]] = {layer: [] for layer in shapes}
     for _, layer, head in candidates:
         if budget == 0:
@@ -205,8 +258,6 @@ def heads_to_remove_globally(
         if len(removed[layer]) + 1 < shapes[layer].num_v_heads:  # never the last head of a layer
             removed[layer].append(head)
             budget -= 1
-    if budget:
-        raise HeadCriterionError(f"ratio {ratio} would remove every head of some layers")
     return {layer: sorted(heads) for layer, heads in removed.items()}
 
 
@@ -248,35 +299,29 @@ def prune_heads(
 ) -> HeadPruningResult:
     """Remove the chosen heads of every linear-attention layer of ``loaded.model`` in place."""
     start = time.perf_counter()
-    if scope not in ("layer", "global"):
-        raise HeadCriterionError(f"--scope must be 'layer' or 'global', got {scope!r}")
-    if scope == "global" and unit != "auto":
-        raise HeadCriterionError("--unit applies to --scope layer; --scope global removes single heads")
+    check_head_options(criterion, ratio, data, scope, unit)
     adapter = loaded.adapter
     shapes = {shape.layer: shape for shape in adapter.shapes()}
+    if scope == "layer":  # refuse before profiling: the counts follow from the layout alone
+        plan_removal(shapes, ratio, unit)
+    else:
+        plan_global_removal(shapes, ratio)
 
-    def choose(scores: dict[int, torch.Tensor], remove_lowest: bool = False) -> tuple[dict[int, list[int]], str]:
-        if scope == "layer":
-            return heads_to_remove(shapes, scores, ratio, remove_lowest, unit)
-        return heads_to_remove_globally(shapes, scores, ratio, remove_lowest), "head"
-
-    choose({layer: torch.zeros(s.num_v_heads) for layer, s in shapes.items()})  # refuse before profiling
     profile, tokens = None, 0
     if criterion.needs_profile:
-        if data is None:
-            raise HeadCriterionError(f"method {criterion.name!r} profiles the heads' states: pass --data")
         profile, tokens = profile_heads(loaded, data, calib_tokens, seq_len, seed, batch_size, progress=progress)
         order = profile.order
     else:
         order = [(layer, head) for layer, shape in shapes.items() for head in range(shape.num_v_heads)]
     flat = criterion.score(profile, len(order), torch.Generator().manual_seed(seed))
     scores = {layer: flat[[i for i, (owner, _) in enumerate(order) if owner == layer]] for layer in shapes}
-    removed, removed_unit = choose(scores, criterion.remove_lowest)
     if scope == "layer":
+        removed, removed_unit = heads_to_remove(shapes, scores, ratio, criterion.remove_lowest, unit)
         adapter.remove_heads(removed)
     else:
         from staterank.models.varheads import to_per_layer_heads
 
+        removed, removed_unit = heads_to_remove_globally(shapes, scores, ratio, criterion.remove_lowest), "head"
         adapter.remove_heads(removed, per_layer=True)
         if len({(s.num_k_heads, s.num_v_heads) for s in adapter.shapes()}) > 1:
             try:

@@ -9,10 +9,11 @@ from typing import ClassVar
 import torch
 
 from staterank.errors import StaterankError
+from staterank.registry import Registry
 
 
 class HeadCriterionError(StaterankError):
-    """An unknown head criterion or option."""
+    """An unknown head criterion or option, or a ratio, unit or scope that cannot be honoured."""
 
 
 @dataclass
@@ -27,12 +28,9 @@ class HeadProfile:
     nuclear_norm: torch.Tensor  # [heads]  sum of singular values
 
 
-HEAD_CRITERIA: dict[str, type[HeadCriterion]] = {}
-
-
-def register(cls: type[HeadCriterion]) -> type[HeadCriterion]:
-    HEAD_CRITERIA[cls.name] = cls
-    return cls
+#: The head criteria by name; ``register`` is the class decorator that adds one.
+HEAD_CRITERIA: Registry[HeadCriterion] = Registry("head criterion", HeadCriterionError)
+register = HEAD_CRITERIA.register
 
 
 def min_max(values: torch.Tensor) -> torch.Tensor:

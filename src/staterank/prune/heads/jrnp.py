@@ -18,7 +18,10 @@ from staterank.prune.heads.base import HeadCriterion, HeadCriterionError, HeadPr
 @register
 @dataclass
 class JRNP(HeadCriterion):
-    """Saturation Score = alpha * minmax(effective rank) + (1 - alpha) * minmax(nuclear norm); remove the highest."""
+    """Joint Rank-Norm Pruning, removing the heads whose states saturate, by rank and norm (--alpha weighs them).
+
+    Saturation Score = alpha * minmax(effective rank) + (1 - alpha) * minmax(nuclear norm); the highest go.
+    """
 
     name = "jrnp"
     alpha: float = 0.5
@@ -34,7 +37,7 @@ class JRNP(HeadCriterion):
 @register
 @dataclass
 class HeadsRank(JRNP):
-    """Ablation: the rank signal alone (alpha = 1)."""
+    """The jrnp ablation with the rank signal alone (alpha = 1)."""
 
     name = "heads-rank"
     alpha: float = 1.0
@@ -43,7 +46,7 @@ class HeadsRank(JRNP):
 @register
 @dataclass
 class HeadsNorm(JRNP):
-    """Ablation: the norm signal alone (alpha = 0)."""
+    """The jrnp ablation with the norm signal alone (alpha = 0)."""
 
     name = "heads-norm"
     alpha: float = 0.0
@@ -52,7 +55,7 @@ class HeadsNorm(JRNP):
 @register
 @dataclass
 class HeadsLowRank(JRNP):
-    """Ablation: remove the lowest Saturation Scores, the heads the paper says carry reasoning."""
+    """The jrnp ablation that removes the lowest Saturation Scores, the heads the paper says carry reasoning."""
 
     name = "heads-low-rank"
     remove_lowest = True

@@ -12,7 +12,7 @@ from staterank.prune.heads.base import HeadCriterion, HeadProfile, register
 @register
 @dataclass
 class HeadsRandom(HeadCriterion):
-    """Uniform random scores: a seeded random choice of heads, with no calibration."""
+    """A seeded random choice of heads, with no calibration (uniform random scores)."""
 
     name = "heads-random"
     needs_profile = False

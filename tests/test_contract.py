@@ -1,0 +1,312 @@
+"""The contract every registered model family keeps, on a tiny random model of each.
+
+A new family is one adapter file in ``src/staterank/models/`` plus one tiny config in FAMILIES below
+(``test_every_registered_family_has_a_tiny_config`` fails until it has one). Every property is checked
+through the adapter interface only, against a computation that does not use the code under test:
+
+- the tap's q, k, v, beta and decay have the shapes of the layer's LayerShape, which the state in the
+  model's own cache confirms;
+- keeping every q/k channel (the identity selection) leaves the logits exactly as they were;
+- keeping a subset of channels equals the original model with the dropped channels' q/k projection rows
+  zeroed, and the pruned tap is the original tap's kept channels;
+- removing heads equals the original model with the removed heads' output-projection columns zeroed;
+- the pruned model, saved, reloads in the stock Auto class with the same logits;
+- the final state rebuilt from the tap (:func:`staterank.rank.states_at`) is the state in the model's own cache.
+
+Zeroed rows against kept channels: a zeroed projection row makes that channel 0 after the depthwise
+convolution (no bias) and SiLU, so the L2 norms and every q . k are those of the kept channels alone. What
+differs is the kernels' query scale, d_k^-1/2 in the original and d_k'^-1/2 in the pruned model; each head's
+output RMSNorm cancels that factor up to its epsilon (``staterank.prune.qk``), so the tiny configs set that
+epsilon to 1e-30 and the two agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    Qwen3_5Config,
+    Qwen3_5MoeConfig,
+    Qwen3_5MoeTextConfig,
+    Qwen3_5TextConfig,
+    Qwen3NextConfig,
+)
+
+from staterank.loading import prepare_runtime
+from staterank.models import ADAPTERS, ModelAdapter, adapter_for
+from staterank.models.varheads import StaterankDeltaNetConfig, StaterankGatedDeltaNetConfig
+from staterank.rank import states_at
+
+prepare_runtime("delta_net")  # registers fla's classes and routes every family's CPU work to PyTorch
+from fla.models import DeltaNetConfig, GatedDeltaNetConfig  # noqa: E402
+
+VOCAB = 64
+EPS = 1e-30  # the heads' output RMSNorm epsilon (fla: norm_eps, transformers: rms_norm_eps); see the docstring
+
+DELTA_NET = dict(hidden_size=32, num_hidden_layers=2, num_heads=4, vocab_size=VOCAB, norm_eps=EPS)
+GATED_DELTANET = dict(hidden_size=32, num_hidden_layers=2, head_dim=8, expand_v=1.0, vocab_size=VOCAB, norm_eps=EPS)
+HYBRID = dict(  # a linear-attention layer, a full-attention layer, a linear-attention layer
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+    num_key_value_heads=1, head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+    linear_num_value_heads=4, linear_conv_kernel_dim=4, rms_norm_eps=EPS,
+    layer_types=["linear_attention", "full_attention", "linear_attention"],
+)  # fmt: skip
+MOE = dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32)
+
+#: One tiny config per registered model_type; 2 key heads x 4 value heads wherever the family groups value heads.
+FAMILIES = {
+    "delta_net": lambda: DeltaNetConfig(**DELTA_NET),
+    "gated_deltanet": lambda: GatedDeltaNetConfig(**GATED_DELTANET, num_heads=2, num_v_heads=4),
+    "qwen3_next": lambda: Qwen3NextConfig(**HYBRID, **MOE),
+    "qwen3_5_text": lambda: Qwen3_5TextConfig(**HYBRID),
+    "qwen3_5_moe_text": lambda: Qwen3_5MoeTextConfig(**HYBRID, **MOE),
+    "qwen3_5": lambda: Qwen3_5Config(text_config=HYBRID, vision_config=VISION),
+    "qwen3_5_moe": lambda: Qwen3_5MoeConfig(text_config={**HYBRID, **MOE}, vision_config=VISION),
+    # what `staterank prune --scope global` saves: layers with different head counts
+    "staterank_delta_net": lambda: per_layer_heads(
+        StaterankDeltaNetConfig, DeltaNetConfig(**DELTA_NET), {"0": [2, 2], "1": [4, 4]}
+    ),
+    "staterank_gated_deltanet": lambda: per_layer_heads(
+        StaterankGatedDeltaNetConfig, GatedDeltaNetConfig(**GATED_DELTANET, num_heads=4, num_v_heads=4),
+        {"0": [4, 4], "1": [3, 3]},
+    ),
+}
+#: The Auto class that builds and reloads a family, where it is not AutoModelForCausalLM.
+AUTO_CLASSES = {"qwen3_5": AutoModelForImageTextToText, "qwen3_5_moe": AutoModelForImageTextToText}
+#: Registered model_types that FAMILIES leaves out, with the reason and where they are tested (none today).
+COVERED_ELSEWHERE: dict[str, str] = {}
+
+
+def families(**known_failures: str) -> list:
+    """FAMILIES as test parameters; ``family=reason`` marks a known failure (strict: the fix shows as a pass)."""
+    return [
+        pytest.param(family, marks=pytest.mark.xfail(strict=True, reason=known_failures[family]))
+        if family in known_failures
+        else family
+        for family in FAMILIES
+    ]
+
+
+def per_layer_heads(config_class, base, layer_heads: dict[str, list[int]]):
+    """A ``staterank_*`` config: the fields of ``base`` (at the largest head count) and the heads of every layer."""
+    fields = {key: value for key, value in base.to_dict().items() if key != "model_type"}
+    return config_class(**fields, staterank_layer_heads=layer_heads)
+
+
+def build(family: str) -> tuple[torch.nn.Module, ModelAdapter]:
+    """The family's tiny model in eval mode, its linear-attention weights large enough that every part matters."""
+    config = FAMILIES[family]()
+    prepare_runtime(family)
+    torch.manual_seed(0)
+    model = AUTO_CLASSES.get(family, AutoModelForCausalLM).from_config(config).float().eval()
+    adapter = adapter_for(model)
+    for layer in adapter.linear_layers():
+        for module in adapter.mixer(layer).modules():  # the default init leaves the mixers nearly silent
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=module.in_features**-0.5)
+            elif isinstance(module, torch.nn.Conv1d):
+                torch.nn.init.normal_(module.weight, std=0.5)
+    return model, adapter
+
+
+def tokens(batch: int = 2, seq: int = 24) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits
+
+
+@torch.no_grad()
+def tapped(adapter: ModelAdapter, ids: torch.Tensor) -> dict:
+    features = {}
+    with adapter.tap(lambda f: features.__setitem__(f.layer, f)):
+        adapter.model(input_ids=ids)
+    return features
+
+
+@torch.no_grad()
+def output_projections(adapter: ModelAdapter, ids: torch.Tensor) -> dict[int, torch.nn.Linear]:
+    """Per linear-attention layer, the linear map its mixer applies last: the one from the heads' outputs
+    [..., Hv * d_v] (head-major) to the residual stream. Found by watching a forward, not by name."""
+    calls: dict[int, list[torch.nn.Linear]] = {layer: [] for layer in adapter.linear_layers()}
+    hooks = [
+        module.register_forward_hook(lambda module, args, out, layer=layer: calls[layer].append(module))
+        for layer in calls
+        for module in adapter.mixer(layer).modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+    try:
+        adapter.model(input_ids=ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {layer: linears[-1] for layer, linears in calls.items()}
+
+
+def value_heads_to_remove(adapter: ModelAdapter) -> dict[int, list[int]]:
+    """Per layer, one value head of every key head (a different one in each group) where heads are grouped,
+    every other head where they are not: a removal every family can represent."""
+    remove = {}
+    for shape in adapter.shapes():
+        if shape.group_size > 1:
+            remove[shape.layer] = [g * shape.group_size + g % shape.group_size for g in range(shape.num_k_heads)]
+        else:
+            remove[shape.layer] = list(range(1, shape.num_v_heads, 2))
+    return remove
+
+
+def random_channels(adapter: ModelAdapter, keep: int) -> dict[int, torch.Tensor]:
+    """Per layer, ``keep`` random q/k channels of every key head, ascending: [Hk, keep]."""
+    generator = torch.Generator().manual_seed(2)
+    channels = {}
+    for shape in adapter.shapes():
+        rows = [torch.randperm(shape.head_k_dim, generator=generator)[:keep] for _ in range(shape.num_k_heads)]
+        channels[shape.layer] = torch.stack(rows).sort(dim=1).values
+    return channels
+
+
+def keep_mask(index: torch.Tensor, d_k: int) -> torch.Tensor:
+    """[Hk, keep] channel indices -> [Hk, d_k] True where kept."""
+    return torch.zeros(index.shape[0], d_k, dtype=torch.bool).scatter(1, index, True)
+
+
+def save_and_reload(family: str, model, path) -> torch.nn.Module:
+    """``save_pretrained``, then the stock Auto class's ``from_pretrained`` (``import staterank`` registers the
+    ``staterank_*`` types, ``import fla`` the fla ones)."""
+    model.save_pretrained(path)
+    return AUTO_CLASSES.get(family, AutoModelForCausalLM).from_pretrained(path, dtype=torch.float32).eval()
+
+
+# --- tests ----------------------------------------------------------------------------------------------------------
+
+
+def test_every_registered_family_has_a_tiny_config():
+    assert set(FAMILIES) | set(COVERED_ELSEWHERE) == set(ADAPTERS)
+    assert not set(FAMILIES) & set(COVERED_ELSEWHERE)
+
+
+@pytest.mark.parametrize("family", families())
+def test_the_tap_has_the_layer_shapes_and_its_final_state_is_the_cached_state(family, one_thread):
+    model, adapter = build(family)
+    ids = tokens()
+    assert adapter_for(model).config.model_type == family
+    features = {}
+    with torch.no_grad(), adapter.tap(lambda f: features.__setitem__(f.layer, f)):
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+    assert sorted(features) == adapter.linear_layers() != []
+    width = model.get_input_embeddings().embedding_dim
+    for shape in adapter.shapes():
+        f = features[shape.layer]
+        assert f.hidden.shape == (*ids.shape, width)
+        assert f.q.shape == f.k.shape == (*ids.shape, shape.num_k_heads, shape.head_k_dim)
+        assert f.v.shape == (*ids.shape, shape.num_v_heads, shape.head_v_dim)
+        assert f.beta.shape == (*ids.shape, shape.num_v_heads)
+        assert f.log_decay is None or f.log_decay.shape == (*ids.shape, shape.num_v_heads)
+        cached = adapter.cached_state(cache, shape.layer)  # [B, Hv, d_k, d_v], the model's own
+        assert cached.shape == (len(ids), shape.num_v_heads, shape.head_k_dim, shape.head_v_dim)
+        final = states_at(f, [ids.shape[1]], dtype=torch.float64)[0]
+        torch.testing.assert_close(final, cached.double(), rtol=1e-4, atol=1e-5)
+        assert final.abs().max() > 0.1  # not vacuous
+
+
+@pytest.mark.parametrize("family", families())
+def test_keeping_every_channel_is_the_identity(family, one_thread):
+    model, adapter = build(family)
+    ids = tokens()
+    before = logits(model, ids)
+    adapter.keep_qk_channels(
+        {shape.layer: torch.arange(shape.head_k_dim).repeat(shape.num_k_heads, 1) for shape in adapter.shapes()}
+    )
+    torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "family",
+    families(
+        staterank_delta_net="DeltaNetAdapter._set_head_k_dim derives expand_k from the first layer's head count, "
+        "not the config's largest, so a staterank_delta_net whose first layer has fewer heads does not reload"
+    ),
+)
+def test_kept_channels_equal_zeroed_rows_and_reload(family, one_thread, tmp_path):
+    model, adapter = build(family)
+    ids = tokens()
+    original = tapped(adapter, ids)
+    unpruned = logits(model, ids)
+    d_k = adapter.shapes()[0].head_k_dim
+    keep = random_channels(adapter, d_k - 3)
+
+    # the original with the dropped channels' q and k projection rows zeroed (through the adapter's views)
+    masked_model, masked = build(family)
+    for layer, index in keep.items():
+        dropped = ~keep_mask(index, d_k)  # [Hk, d_k]
+        for rows in masked.qk_weights(layer):  # [Hk, d_k, hidden] each
+            rows[dropped] = 0
+    for layer, f in tapped(masked, ids).items():  # the premise: the dropped channels are 0 in the features
+        dropped = ~keep_mask(keep[layer], d_k)
+        assert f.q[..., dropped].abs().max() == f.k[..., dropped].abs().max() == 0
+    expected = logits(masked_model, ids)
+
+    adapter.keep_qk_channels(keep)
+    pruned = logits(model, ids)
+    torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-5)
+    assert (pruned - unpruned).abs().max() > 1e-3  # not vacuous
+    for layer, index in keep.items():  # the pruned tap is the original tap's kept channels
+        with torch.no_grad():
+            after = adapter.features(layer, original[layer].hidden)
+        gather = index.expand(*ids.shape, *index.shape)
+        for name in ("q", "k"):
+            torch.testing.assert_close(getattr(after, name), getattr(original[layer], name).gather(-1, gather))
+        for name in ("v", "beta", "log_decay"):
+            torch.testing.assert_close(getattr(after, name), getattr(original[layer], name))
+
+    reloaded = save_and_reload(family, model, tmp_path)
+    assert [s.head_k_dim for s in adapter_for(reloaded).shapes()] == [d_k - 3] * len(keep)
+    torch.testing.assert_close(logits(reloaded, ids), pruned, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "family",
+    families(
+        staterank_gated_deltanet="remove_heads that leaves a staterank_* model's layers alike sets the stock head "
+        "counts but keeps the old staterank_layer_heads, so the saved model does not reload"
+    ),
+)
+def test_removed_heads_equal_zeroed_output_columns_and_reload(family, one_thread, tmp_path):
+    model, adapter = build(family)
+    ids = tokens()
+    unpruned = logits(model, ids)
+    remove = value_heads_to_remove(adapter)
+
+    masked_model, masked = build(family)
+    projections = output_projections(masked, ids)
+    for layer, heads in remove.items():
+        shape = masked.layer_shape(layer)
+        weight = projections[layer].weight  # [hidden, Hv * d_v]
+        assert weight.shape[1] == shape.num_v_heads * shape.head_v_dim
+        with torch.no_grad():
+            weight.view(-1, shape.num_v_heads, shape.head_v_dim)[:, heads] = 0
+    expected = logits(masked_model, ids)
+
+    before = {s.layer: s for s in adapter.shapes()}
+    state_bytes = adapter.state_bytes_per_seq()
+    adapter.remove_heads(remove, per_layer=len({(s.num_k_heads, s.num_v_heads) for s in before.values()}) > 1)
+    pruned = logits(model, ids)
+    torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-5)
+    assert (pruned - unpruned).abs().max() > 1e-3  # not vacuous
+    for shape in adapter.shapes():
+        assert shape.num_v_heads == before[shape.layer].num_v_heads - len(remove[shape.layer])
+    assert adapter.state_bytes_per_seq() < state_bytes
+
+    reloaded = save_and_reload(family, model, tmp_path)
+    assert adapter_for(reloaded).shapes() == adapter.shapes()
+    torch.testing.assert_close(logits(reloaded, ids), pruned, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        cache = reloaded(input_ids=ids, use_cache=True).past_key_values
+    for shape in adapter_for(reloaded).shapes():  # the cache holds the smaller state
+        cached = adapter_for(reloaded).cached_state(cache, shape.layer)
+        assert cached.shape == (len(ids), shape.num_v_heads, shape.head_k_dim, shape.head_v_dim)
