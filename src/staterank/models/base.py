@@ -320,13 +320,17 @@ class ModelAdapter(ABC):
         for layer, (kept_k, kept_v) in plans.items():
             if len(kept_v) < self.layer_shape(layer).num_v_heads:
                 self.keep_heads(layer, kept_k, kept_v)
-        if len(layouts) == 1:
+        if len(layouts) == 1 and not self.has_per_layer_heads():
             num_k, num_v = layouts.pop()
             self._set_head_counts(num_k, num_v)
-        else:
+        else:  # different counts, or a per-layer config already: its staterank_layer_heads must say the new ones
             from staterank.models.varheads import to_per_layer_heads
 
             to_per_layer_heads(self.model, self)
+
+    def has_per_layer_heads(self) -> bool:
+        """Whether the model is described by a per-layer head-count config (``staterank_*`` model types)."""
+        return getattr(self.config, "staterank_layer_heads", None) is not None
 
     @abstractmethod
     def _keep_qk_channels(self, layer: int, index: torch.Tensor) -> None:

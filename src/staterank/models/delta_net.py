@@ -41,8 +41,8 @@ class DeltaNetAdapter(FlaAdapter):
         mixer.num_heads = len(kept_k)
 
     def _set_head_k_dim(self, head_k_dim: int) -> None:
-        num_heads = self.layer_shape(self.linear_layers()[0]).num_k_heads
-        self.config.expand_k = num_heads * head_k_dim / self.config.hidden_size
+        # key_dim = hidden_size * expand_k at the config's head count (the largest, for per-layer configs)
+        self.config.expand_k = self.config.num_heads * head_k_dim / self.config.hidden_size
         for layer in self.linear_layers():
             self.mixer(layer).expand_k = self.config.expand_k
 
