@@ -73,7 +73,7 @@ def main() -> int:
                 align=1,
                 progress=False,
                 batch_size=8,
-                options={option: True} if option else None,
+                options={option: True} if option else {},
             )
             row = {
                 "method": method,

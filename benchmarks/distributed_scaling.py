@@ -33,10 +33,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from staterank import distributed
 from staterank.calibrate import calibrate
 from staterank.data import load_sequences
-from staterank.finetune import finetune
 from staterank.io import write_json
 from staterank.loading import LoadedModel, bundled_path, load, prepare_runtime
 from staterank.models import adapter_for
+from staterank.training.lora import finetune
 
 
 def build(config_path: Path, device: torch.device, tokenizer, seed: int = 0) -> LoadedModel:

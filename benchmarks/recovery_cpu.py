@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from staterank import api
-from staterank.finetune import finetune
+from staterank.training.lora import finetune
 
 
 def measure(model, eval_tokens: int) -> dict:

@@ -18,7 +18,7 @@ import torch
 from staterank import api, cli, distributed
 from staterank.calibrate import calibrate
 from staterank.data import load_sequences
-from staterank.finetune import finetune
+from staterank.training.lora import finetune
 
 # The settings the test repeats in one process (kept here, beside the calls, and imported by the test).
 CALIBRATION = {"data": "techdocs-val", "seq_len": 32, "max_tokens": 512, "batch_size": 2}

@@ -36,7 +36,7 @@ from transformers import (
 
 from staterank.loading import prepare_runtime
 from staterank.models import ADAPTERS, ModelAdapter, adapter_for
-from staterank.models.varheads import StaterankDeltaNetConfig, StaterankGatedDeltaNetConfig
+from staterank.models.per_layer import StaterankDeltaNetConfig, StaterankGatedDeltaNetConfig
 from staterank.rank import states_at
 
 prepare_runtime("delta_net")  # registers fla's classes and routes every family's CPU work to PyTorch

@@ -26,9 +26,9 @@ from staterank import api, cli, distributed
 from staterank.analysis import METRICS
 from staterank.calibrate import calibrate
 from staterank.data import load_sequences, read_documents
-from staterank.finetune import finetune
 from staterank.loading import prepare_runtime
 from staterank.tokenizer import train_tokenizer
+from staterank.training.lora import finetune
 
 prepare_runtime("delta_net")
 TESTS = Path(__file__).parent

@@ -1,4 +1,4 @@
-"""staterank.finetune on CPU: LoRA recovery of a tiny DeltaNet, merged output, resume, distillation, bad input."""
+"""staterank.training.lora on CPU: LoRA recovery of a tiny DeltaNet, merged output, resume, distillation, bad input."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from staterank.data import read_documents
 from staterank.errors import DataError, StaterankError
-from staterank.finetune import finetune, kd_loss
 from staterank.loading import prepare_runtime
 from staterank.tokenizer import train_tokenizer
+from staterank.training.lora import finetune, kd_loss
 
 prepare_runtime("delta_net")
 

@@ -11,10 +11,10 @@ import torch
 from reference import MINI_MODELS
 
 from staterank import api
-from staterank.finetune import finetune
 from staterank.loading import bundled_path, load
 from staterank.modelcard import prune_card
-from staterank.train import train
+from staterank.training.lora import finetune
+from staterank.training.pretrain import train
 
 yaml = pytest.importorskip("yaml")
 

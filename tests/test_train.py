@@ -1,4 +1,4 @@
-"""staterank.train and staterank.tokenizer on CPU, with models small enough to train in seconds."""
+"""staterank.training (pretraining, the loop) and staterank.tokenizer on CPU, with models that train in seconds."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from staterank.errors import DataError, OutputExistsError, StaterankError, UnsupportedModelError
 from staterank.tokenizer import ENDOFTEXT, train_tokenizer
-from staterank.train import train
+from staterank.training.loop import backward, mixed_precision, next_token_loss, train_loop
+from staterank.training.pretrain import train
 
 # Few steps on a few tokens; a high learning rate so that a dozen steps visibly lower the loss.
 QUICK = {
@@ -130,3 +131,47 @@ def test_bad_input_is_a_clear_error(tmp_path, tokenizer_dir):
     (tmp_path / "taken").mkdir()
     with pytest.raises(OutputExistsError):
         train(good, "techdocs", tmp_path / "taken")
+
+
+def _toy_lm() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50))
+
+
+def _toy_loss(model, batch):
+    return {"loss": next_token_loss(model(batch), batch), "twice": 2 * next_token_loss(model(batch), batch)}
+
+
+def test_micro_batches_add_up_to_the_gradient_and_the_loss_of_the_whole_batch():
+    batch = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(0))
+    whole = _toy_lm()
+    expected = next_token_loss(whole(batch), batch)  # the mean over all 8 x 11 predicted tokens
+    expected.backward()
+    micro = _toy_lm()
+    losses = backward(micro, _toy_loss, batch, 3, mixed_precision(torch.device("cpu")))  # rows 3, 3 and 2
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses["twice"].item() == pytest.approx(2 * expected.item(), rel=1e-6)
+    for p, q in zip(whole.parameters(), micro.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batches_take_the_steps_of_the_whole_batch(tmp_path):
+    """Gradient accumulation in the loop: micro-batches of 3, 3 and 2 rows give the weights of batches of 8."""
+    sequences = torch.randint(0, 50, (16, 12), generator=torch.Generator().manual_seed(0))
+    options = {"steps": 4, "batch_size": 8, "lr": 1e-2, "warmup_steps": 1, "min_lr_ratio": 0.1, "grad_clip": 0.5,
+               "seed": 0}  # fmt: skip
+
+    def run(micro_batch_size):
+        model = _toy_lm()
+        groups = [{"params": list(model.parameters()), "weight_decay": 0.1}]
+        state = train_loop(model, _toy_loss, groups, sequences, options, (), tmp_path / "checkpoint",
+                           micro_batch_size=micro_batch_size, progress=False)  # fmt: skip
+        return model, state
+
+    whole, whole_state = run(None)
+    micro, micro_state = run(3)
+    assert micro_state.finished and micro_state.tokens_seen == whole_state.tokens_seen == 4 * 8 * 12
+    assert micro_state.final_loss == pytest.approx(whole_state.final_loss, rel=1e-6)
+    for (name, p), q in zip(whole.named_parameters(), micro.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    assert not (tmp_path / "checkpoint").exists()  # save_every 0 and no early stop: no checkpoint

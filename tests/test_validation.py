@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from staterank import api, validate
+from staterank import api, commands, validate
 from staterank.cli import build_parser, main
 from staterank.errors import StaterankError
-from staterank.finetune import finetune
-from staterank.train import train
+from staterank.training.lora import finetune
+from staterank.training.pretrain import train
 
 MODEL = "tiny-deltanet"
 
@@ -123,7 +123,7 @@ def _rows() -> list:
         pytest.param(["evaluate", MODEL, "--tasks", "nope"], ["unknown task"], id="evaluate --tasks unknown"),
         pytest.param(["analyze", MODEL, "--data", "techdocs-val", "--out", "{tmp}/a", "--positions", "4096"],
                      ["beyond the sequence length"], id="analyze --positions beyond --seq-len"),
-        pytest.param(["bench", MODEL, "--dtype", "float8"], ["--dtype must be"], id="bench --dtype unknown"),
+        pytest.param(["bench", MODEL, "--dtype", "float8"], ["--dtype", "float32"], id="bench --dtype unknown"),
         pytest.param(["train", "{bad_config}", "--data", "techdocs", "--out", "{tmp}/trained"],
                      ["lr must be a finite number > 0"], id="train config lr -1"),
     ]  # fmt: skip
@@ -137,8 +137,8 @@ def _no_loading(*args, **kwargs):
 @pytest.fixture
 def paths(tmp_path, monkeypatch) -> dict[str, str]:
     """The placeholders of the tables, with model loading and tokenizer training replaced by a failure."""
-    monkeypatch.setattr(api, "load", _no_loading)
-    monkeypatch.setattr("staterank.train.train_tokenizer", _no_loading)
+    monkeypatch.setattr(commands, "load", _no_loading)
+    monkeypatch.setattr("staterank.training.pretrain.train_tokenizer", _no_loading)
     (tmp_path / "file").write_text("a file where a directory would have to be")
     read_only = tmp_path / "read-only"
     read_only.mkdir()
@@ -168,16 +168,16 @@ def test_bad_input_is_one_line_and_exit_code_2_before_any_work(argv, message, pa
 
 # API calls that must be refused before a model is loaded: (call on a directory to write in, message).
 API_ROWS = [
-    (lambda d: api.prune(MODEL, "l1", 0.5, d / "p", seq_len=0), "--seq-len must be"),
-    (lambda d: api.prune(MODEL, "l1", 0.5, d / "p", calib_tokens=-1), "--calib-tokens must be"),
-    (lambda d: api.prune(MODEL, "l1", math.nan, d / "p"), "--ratio"),
+    (lambda d: api.prune(MODEL, "l1", 0.5, d / "p", seq_len=0), "seq_len must be"),
+    (lambda d: api.prune(MODEL, "l1", 0.5, d / "p", calib_tokens=-1), "calib_tokens must be"),
+    (lambda d: api.prune(MODEL, "l1", math.nan, d / "p"), "ratio"),
     (lambda d: api.prune(MODEL, "l1", 0.5, d / "file" / "sub"), "is a file"),
-    (lambda d: api.analyze(MODEL, "techdocs-val", d / "a", batch_size=0), "--batch-size must be"),
+    (lambda d: api.analyze(MODEL, "techdocs-val", d / "a", batch_size=0), "batch_size must be"),
     (lambda d: api.analyze(MODEL, "techdocs-val", d / "a", positions=[]), "no positions"),
-    (lambda d: api.analyze(MODEL, "techdocs-val", d / "a", eps=math.nan), "--eps"),
-    (lambda d: api.evaluate(MODEL, "techdocs-val", batch_size=0), "--batch-size must be"),
-    (lambda d: api.evaluate(MODEL, "techdocs-val", max_tokens=0), "--max-tokens must be"),
-    (lambda d: api.bench([MODEL], memory_budget_gib=math.inf), "--memory-budget-gib must be"),
+    (lambda d: api.analyze(MODEL, "techdocs-val", d / "a", eps=math.nan), "eps"),
+    (lambda d: api.evaluate(MODEL, "techdocs-val", batch_size=0), "batch_size must be"),
+    (lambda d: api.evaluate(MODEL, "techdocs-val", max_tokens=0), "max_tokens must be"),
+    (lambda d: api.bench([MODEL], memory_budget_gib=math.inf), "memory_budget_gib must be"),
     (lambda d: api.bench([MODEL], d / "file" / "bench.json"), "is a file"),
     (lambda d: finetune(MODEL, "techdocs", d / "f", lr=-1), "lr must be"),
     (lambda d: finetune(MODEL, "techdocs", d / "f", kd_temp=math.nan), "kd_temp must be"),

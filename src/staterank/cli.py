@@ -13,23 +13,21 @@ import os
 import sys
 import traceback
 import warnings
-from pathlib import Path
 from typing import NoReturn
 
 from staterank.errors import StaterankError, StaterankWarning
-from staterank.validate import (
-    check_output_path,
-    device,
-    fraction,
-    non_negative_int,
-    open_unit,
-    positive_float,
-    positive_int,
-    positive_ints,
-    positive_ints_or_none,
-    probability,
-    random_seed,
-    sequence_length,
+from staterank.options import (
+    AnalyzeOptions,
+    BenchOptions,
+    DemoOptions,
+    EvaluateOptions,
+    FinetuneOptions,
+    InfoOptions,
+    Options,
+    PruneOptions,
+    ReportOptions,
+    TrainOptions,
+    add_arguments,
 )
 
 #: The commands that run data-parallel under torchrun; the others run in one process.
@@ -53,56 +51,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"staterank: error: {command + ': ' if command else ''}{message}\n")
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument(
-        "--device-map",
-        choices=["auto", "balanced", "sequential"],
-        help="spread a model larger than one GPU over all GPUs with accelerate (no CPU or disk offload)",
-    )
-    parser.add_argument(
-        "--trust-remote-code", action="store_true", help="allow a hub model's own code to run (off by default)"
-    )
+MODEL_HELP = "model directory, hub id or bundled name (tiny-deltanet, tiny-gated-deltanet)"
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=random_seed, default=0, help="random seed (default: 0)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+def _command(sub, name: str, help: str, options: type[Options], **kwargs) -> argparse.ArgumentParser:
+    """A subcommand whose options come from its options class (defaults, help and checks written once there)."""
+    p = sub.add_parser(name, help=help, **kwargs)
+    add_arguments(p, options)
+    p.add_argument("--debug", action="store_true", help="show tracebacks and third-party warnings")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from staterank.prune import method_help  # the method lists and their help come from the registries
+    from staterank.prune.channels import CHANNEL_CRITERIA
+    from staterank.prune.heads import HEAD_CRITERIA
+
     parser = _Parser(
         prog="staterank",
-        description="Analyse how linear-attention LLMs use their recurrent state, and compress them on that basis.",
+        description="Analyse how linear-attention LLMs use their recurrent state, and compress them on that basis. "
+        f"Pruning methods (staterank prune --help says what each does): q/k channels: {', '.join(CHANNEL_CRITERIA)}; "
+        f"heads: {', '.join(HEAD_CRITERIA)}.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("info", help="shapes, state bytes, which layers are linear attention")
-    p.add_argument("model", help="model directory, hub id or bundled name (tiny-deltanet, tiny-gated-deltanet)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _model_options(p)
-    _common(p)
+    p = _command(sub, "info", "shapes, state bytes, which layers are linear attention", InfoOptions)
+    p.add_argument("model", help=MODEL_HELP)
 
-    p = sub.add_parser("evaluate", help="perplexity, loss by position, in-context recall, lm-eval tasks")
-    p.add_argument("model")
-    p.add_argument("--data", help="corpus: file, directory, hf:NAME or a shipped name (wikitext-test)")
-    p.add_argument(
-        "--tasks",
-        default="ppl",
-        help="comma-separated: ppl, ppl-by-position, recall, lm-eval:TASK[,TASK] (default ppl)",
-    )
-    p.add_argument("--stride", type=positive_int, help="ppl: sliding windows moving by this many tokens")
-    p.add_argument("--lm-eval-limit", type=positive_int, help="lm-eval: at most this many examples per task")
-    p.add_argument("--seq-len", type=sequence_length, default=512, help="window length in tokens (default: 512)")
-    p.add_argument("--max-tokens", type=positive_int, help="read at most this many tokens of the corpus")
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    _model_options(p)
-    _common(p)
+    p = _command(sub, "evaluate", "perplexity, loss by position, in-context recall, lm-eval tasks", EvaluateOptions)
+    p.add_argument("model", help=MODEL_HELP)
 
-    p = sub.add_parser("analyze", help="state-rank analysis of every linear-attention head, with plots")
-    p.add_argument("model")
+    p = _command(sub, "analyze", "state-rank analysis of every linear-attention head, with plots", AnalyzeOptions)
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument(
         "--data",
         action="append",
@@ -110,128 +90,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="corpus; give it twice to compare two domains (e.g. techdocs-val, wikitext-test)",
     )
     p.add_argument("--out", required=True, help="output directory (rank.json, CSVs, PNGs)")
-    p.add_argument("--samples", type=positive_int, default=8, help="sequences per corpus (default: 8)")
-    p.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per sequence (default: 2048)")
-    p.add_argument(
-        "--positions",
-        type=positive_ints,
-        help="comma-separated token counts at which to read the states (default: log-spaced, and the last)",
-    )
-    p.add_argument("--eps", type=open_unit, default=1e-4, help="effective rank counts singular values > eps * largest")
-    p.add_argument("--batch-size", type=positive_int, default=1)
-    p.add_argument("--overwrite", action="store_true")
-    _model_options(p)
-    _common(p)
 
-    p = sub.add_parser("prune", help="cut the q/k dimension of every linear-attention layer")
-    p.add_argument("model")
-    p.add_argument(
-        "--method",
-        required=True,
-        help="q/k channels: random, l1, wanda, taylor, pca, rrqr; heads: jrnp, heads-rank, heads-norm, "
-        "heads-low-rank, heads-random",
+    p = _command(
+        sub,
+        "prune",
+        "cut the q/k dimension of every linear-attention layer, or remove heads",
+        PruneOptions,
+        description="Methods: " + method_help().replace("%", "%%"),  # argparse formats help with %
     )
-    p.add_argument(
-        "--ratio",
-        type=fraction,
-        required=True,
-        help="fraction of q/k channels per head (or of heads) removed, in [0, 1)",
-    )
-    p.add_argument("--alpha", type=probability, default=0.5, help="jrnp: weight of the rank in the Saturation Score")
-    p.add_argument("--scope", default="layer", choices=["layer", "global"], help="head methods: where to count")
-    p.add_argument(
-        "--unit",
-        default="auto",
-        choices=["auto", "value", "key"],
-        help="head methods with grouped value heads: remove value heads, or key heads with all their value heads "
-        "(default: auto, whichever comes closer to --ratio)",
-    )
-    p.add_argument("--data", help="calibration corpus (needed by wanda, taylor, pca, rrqr)")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--calib-tokens", type=positive_int, default=32768, help="calibration tokens (default: 16 x 2048)")
-    p.add_argument("--seq-len", type=positive_int, default=2048, help="calibration sequence length (default: 2048)")
-    p.add_argument(
-        "--align",
-        type=positive_int,
-        help="round the kept d_k down to a multiple of this (default: 16, else 8, where that costs at most 5%% of d_k)",
-    )
-    p.add_argument("--batch-size", type=positive_int, default=4)
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. f=2.0 (repeatable)"
     )
-    p.add_argument("--overwrite", action="store_true")
-    _model_options(p)
-    _common(p)
 
-    p = sub.add_parser("finetune", help="LoRA recovery of a pruned model, optionally distilled from the original")
-    p.add_argument("model")
+    p = _command(sub, "finetune", "LoRA recovery of a pruned model, optionally distilled from the original",
+                 FinetuneOptions)  # fmt: skip
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--data", required=True, help="training corpus")
     p.add_argument("--out", required=True, help="output model directory (LoRA merged into the weights)")
-    p.add_argument("--teacher", help="distil from this model (the unpruned original)")
-    p.add_argument("--kd-temp", type=positive_float, default=2.0, help="distillation temperature (default: 2)")
-    p.add_argument("--kd-weight", type=probability, default=0.5, help="weight of the distillation term (default: 0.5)")
-    p.add_argument("--lora-rank", type=positive_int, default=32)
-    p.add_argument("--lora-alpha", type=positive_float, default=64)
-    p.add_argument("--lora-targets", help="comma-separated module names (default: the q, k, v projections)")
-    p.add_argument("--steps", type=positive_int, default=200)
-    p.add_argument("--batch-size", type=positive_int, default=8)
-    p.add_argument("--seq-len", type=sequence_length, default=512)
-    p.add_argument("--lr", type=positive_float, default=1e-4)
-    p.add_argument("--grad-clip", type=positive_float, default=1.0)
-    p.add_argument("--save-every", type=non_negative_int, default=50, help="checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's last checkpoint")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device", type=device)
-    _common(p)
 
-    p = sub.add_parser("bench", help="side-by-side prefill and decode speed, memory and state bytes")
+    p = _command(sub, "bench", "side-by-side prefill and decode speed, memory and state bytes", BenchOptions)
     p.add_argument("models", nargs="+", metavar="MODEL")
     p.add_argument("--out", help="write the results as JSON here")
-    p.add_argument("--from-config", action="store_true", help="MODELs are configs: random weights, published shapes")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="prefill batch (default: 8)")
-    p.add_argument("--seq-len", type=positive_int, default=2048, help="prefill tokens per sequence (default: 2048)")
-    p.add_argument(
-        "--decode-batch-sizes",
-        type=positive_ints_or_none,
-        default=[1, 64],
-        help="comma-separated (default: 1,64); empty for prefill only",
-    )
-    p.add_argument("--decode-steps", type=positive_int, default=32)
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--warmup", type=non_negative_int, default=1)
-    p.add_argument("--repeats", type=positive_int, default=5)
-    p.add_argument(
-        "--memory-budget-gib", type=positive_float, help="report the largest batch whose states fit beside the weights"
-    )
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device", type=device)
-    _common(p)
 
-    p = sub.add_parser("report", help="report.html and report.md from whatever a run directory holds")
+    p = _command(sub, "report", "report.html and report.md from whatever a run directory holds", ReportOptions)
     p.add_argument("run_dir", metavar="RUNDIR")
-    _common(p)
 
-    p = sub.add_parser("train", help="pretrain a small model from a config (for studies and the bundled models)")
+    p = _command(sub, "train", "pretrain a small model from a config (for studies and the bundled models)",
+                 TrainOptions)  # fmt: skip
     p.add_argument("config", help="JSON file: a model config plus an optional 'train' section")
     p.add_argument("--data", required=True, help="training corpus")
     p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--val-data", help="validation corpus for periodic perplexity")
-    p.add_argument("--steps", type=positive_int)
-    p.add_argument("--batch-size", type=positive_int)
-    p.add_argument("--seq-len", type=sequence_length)
-    p.add_argument("--lr", type=positive_float)
-    p.add_argument("--tokenizer", help="existing tokenizer directory (default: train one on --data)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's checkpoint")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device", type=device)
-    _common(p)
-    p.set_defaults(seed=None)  # None: the config's "train" section (or the trainer's default) decides
 
-    p = sub.add_parser("demo", help="the pipeline on the bundled tiny model, on CPU, in minutes")
+    p = _command(sub, "demo", "the pipeline on the bundled tiny model, on CPU, in minutes", DemoOptions)
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--model", default="tiny-deltanet")
-    p.add_argument("--device", type=device, default="cpu")
-    _common(p)
     return parser
 
 
@@ -252,9 +145,7 @@ def _print_info(info: dict) -> None:
 def _cmd_info(args) -> int:
     from staterank import api
 
-    info = api.info(
-        args.model, device=args.device, device_map=args.device_map, trust_remote_code=args.trust_remote_code
-    )
+    info = api.info(args.model, InfoOptions.from_args(args))
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -268,21 +159,7 @@ def _cmd_evaluate(args) -> int:
 
     if args.out:
         check_output(args.out, args.overwrite)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    result = api.evaluate(
-        args.model,
-        args.data,
-        tasks=tasks,
-        stride=args.stride,
-        lm_eval_limit=args.lm_eval_limit,
-        seq_len=args.seq_len,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        device_map=args.device_map,
-        trust_remote_code=args.trust_remote_code,
-    )
+    result = api.evaluate(args.model, opts=EvaluateOptions.from_args(args))
     if "ppl" in result:
         print(f"perplexity {result['ppl']:.3f} over {result['tokens']:,} tokens of {args.data}")
     for name in ("by_position", "recall", "lm_eval"):
@@ -299,21 +176,7 @@ def _cmd_evaluate(args) -> int:
 def _cmd_analyze(args) -> int:
     from staterank import api
 
-    result = api.analyze(
-        args.model,
-        args.data,
-        args.out,
-        samples=args.samples,
-        seq_len=args.seq_len,
-        positions=args.positions,
-        eps=args.eps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        overwrite=args.overwrite,
-        device=args.device,
-        device_map=args.device_map,
-        trust_remote_code=args.trust_remote_code,
-    )
+    result = api.analyze(args.model, args.data, args.out, AnalyzeOptions.from_args(args))
     strat, stability = result["stratification"], result["stability"]
     print(
         f"{strat['low']} low-rank and {strat['high']} high-rank heads (gap {strat['gap']:.3f} of capacity); "
@@ -365,56 +228,29 @@ def pruning_summary(report: dict) -> str:
 def _cmd_prune(args) -> int:
     from staterank import api
 
-    report = api.prune(
-        args.model,
-        args.method,
-        args.ratio,
-        args.out,
-        data=args.data,
-        calib_tokens=args.calib_tokens,
-        seq_len=args.seq_len,
-        align=args.align,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        options=_parse_options(args.option),
-        alpha=args.alpha,
-        scope=args.scope,
-        unit=args.unit,
-        overwrite=args.overwrite,
-        device=args.device,
-        device_map=args.device_map,
-        trust_remote_code=args.trust_remote_code,
-    )
+    opts = PruneOptions.from_args(args, options=_parse_options(args.option))
+    report = api.prune(args.model, opts.method, opts.ratio, args.out, opts)
     print(pruning_summary(report))
     print(f"wrote {args.out} (pruning.json inside)")
     return 0
 
 
 def _cmd_finetune(args) -> int:
-    from staterank.finetune import finetune_from_cli
+    from staterank import api
 
-    return finetune_from_cli(args)
+    summary = api.finetune(args.model, args.data, args.out, FinetuneOptions.from_args(args))
+    print(
+        f"finetuned {summary['steps']} steps, {summary['tokens_seen']:,} tokens, final loss "
+        f"{summary['final_loss']:.4f}, {summary['trainable_params']:,} LoRA parameters merged, "
+        f"{summary['seconds']:.0f} s -> {args.out}"
+    )
+    return 0
 
 
 def _cmd_bench(args) -> int:
     from staterank import api
 
-    result = api.bench(
-        args.models,
-        args.out,
-        from_config=args.from_config,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        decode_batch_sizes=tuple(args.decode_batch_sizes),
-        decode_steps=args.decode_steps,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        memory_budget_gib=args.memory_budget_gib,
-        dtype=args.dtype,
-        device=args.device,
-        overwrite=args.overwrite,
-        seed=args.seed,
-    )
+    result = api.bench(args.models, args.out, BenchOptions.from_args(args))
     sizes = list(result["models"][0]["decode_ms_per_token"])
     graphed = result["models"][0]["decode_graph_ms_per_token"] is not None
     print(f"{result['device']}, {result['dtype']}, prefill {result['batch_size']} x {result['seq_len']}")
@@ -438,125 +274,37 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from staterank.report import write_report
+    from staterank import api
 
-    markdown, page = write_report(args.run_dir)
+    markdown, page = api.report(args.run_dir)
     print(f"wrote {page} and {markdown}")
     return 0
 
 
 def _cmd_train(args) -> int:
-    from staterank.train import train_from_cli
+    from staterank import api
 
-    return train_from_cli(args)
+    summary = api.train(args.config, args.data, args.out, TrainOptions.from_args(args))
+    if summary["val_history"]:
+        print(f"final validation perplexity {summary['val_history'][-1]['ppl']:.2f}")
+    return 0
 
 
 def _cmd_demo(args) -> int:
     from staterank import api
-    from staterank.finetune import finetune
-    from staterank.io import write_json
 
-    out = check_output_path(args.out)  # refused before any work when it cannot be written
-    corpora = ("techdocs-val", "wikitext-test")
-
-    def evaluate(model) -> dict[str, float]:
-        scores = {}
-        for data in corpora:
-            result = api.evaluate(
-                model, data, seq_len=512, max_tokens=32768, device=args.device, seed=args.seed, progress=False
-            )
-            write_json(out / f"eval-{Path(str(model)).name}-{data}.json", result)
-            scores[data] = result["ppl"]
-        result = api.evaluate(model, tasks=("recall",), device=args.device, seed=args.seed, progress=False)
-        write_json(out / f"eval-{Path(str(model)).name}-recall.json", result)
-        return scores
-
-    print(f"== info: {args.model}")
-    info = api.info(args.model, device=args.device)
-    _print_info(info)
-    write_json(out / "info.json", info)
-    print("== analyze: state ranks of every head (techdocs-val against wikitext-2)")
-    ranks = api.analyze(
-        args.model,
-        list(corpora),
-        out / "analysis",
-        samples=2,
-        seq_len=1024,
-        seed=args.seed,
-        device=args.device,
-        overwrite=True,
-        progress=False,
-    )
-    strat = ranks["stratification"]
-    print(f"{strat['low']} low-rank and {strat['high']} high-rank heads; plots in {out / 'analysis'}/")
-    print("== evaluate: perplexity before pruning")
-    table = {"original": evaluate(args.model)}
-    pruned_models = [args.model]
-    for method in ("rrqr", "l1"):
-        pruned = out / f"{method}-50"
-        print(f"== prune: {method}, half of the q/k channels of every head")
-        report = api.prune(
-            args.model,
-            method,
-            0.5,
-            pruned,
-            data="techdocs",
-            calib_tokens=16384,
-            seq_len=512,
-            seed=args.seed,
-            device=args.device,
-            overwrite=True,
-            progress=False,
-        )
-        print(
-            f"d_k {report['head_k_dim_before']} -> {report['head_k_dim_after']}, state bytes per sequence "
-            f"{report['state_bytes_before']:,} -> {report['state_bytes_after']:,}"
-        )
-        table[f"{method} 50%"] = evaluate(pruned)
-        print(f"== finetune: short LoRA recovery of the {method} model")
-        recovered = out / f"{method}-50-lora"
-        finetune(
-            pruned,
-            "techdocs",
-            recovered,
-            steps=40,
-            batch_size=4,
-            seq_len=512,
-            lr=1e-3,
-            warmup_steps=5,
-            seed=args.seed,
-            device=args.device,
-            overwrite=True,
-            progress=False,
-        )
-        table[f"{method} + LoRA"] = evaluate(recovered)
-        pruned_models.append(str(recovered))
-    print("== bench: original against the recovered models")
-    speed = api.bench(
-        pruned_models,
-        out / "bench.json",
-        batch_size=4,
-        seq_len=512,
-        decode_batch_sizes=(1, 16),
-        decode_steps=16,
-        repeats=3,
-        device=args.device,
-        overwrite=True,
-        seed=args.seed,
-    )
+    result = api.demo(args.out, DemoOptions.from_args(args), say=print)
+    table, corpora = result["perplexity"], result["corpora"]
     print(f"\n{'perplexity':<14}" + "".join(f"{data:>16}" for data in corpora))
     for name, scores in table.items():
         print(f"{name:<14}" + "".join(f"{scores[data]:>16.2f}" for data in corpora))
     print(f"\n{'model':<14} {'prefill tok/s':>14} {'ms/token b=16':>14} {'state B/seq':>12}")
-    for name, row in zip(("original", "rrqr + LoRA", "l1 + LoRA"), speed["models"], strict=True):
+    for name, row in zip(("original", "rrqr + LoRA", "l1 + LoRA"), result["bench"]["models"], strict=True):
         print(
             f"{name:<14} {row['prefill_tokens_per_s']:>14,.0f} {row['decode_ms_per_token']['16']:>14.2f} "
             f"{row['state_bytes_per_seq']:>12,}"
         )
-    from staterank.report import write_report
-
-    _, page = write_report(out)
-    print(f"\nresults in {out}/; the report: {page}")
+    print(f"\nresults in {args.out}/; the report: {result['report']}")
     return 0
 
 

@@ -324,7 +324,7 @@ class ModelAdapter(ABC):
             num_k, num_v = layouts.pop()
             self._set_head_counts(num_k, num_v)
         else:  # different counts, or a per-layer config already: its staterank_layer_heads must say the new ones
-            from staterank.models.varheads import to_per_layer_heads
+            from staterank.models.per_layer import to_per_layer_heads
 
             to_per_layer_heads(self.model, self)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from staterank.models import register
 from staterank.models.base import LayerShape
 from staterank.models.fla_common import FlaAdapter
-from staterank.models.varheads import StaterankDeltaNetConfig
+from staterank.models.per_layer import StaterankDeltaNetConfig
 
 
 @register

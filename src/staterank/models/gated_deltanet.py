@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from staterank.models import register
 from staterank.models.base import LayerShape, slice_linear_rows, slice_vector
 from staterank.models.fla_common import FlaAdapter, float_ratio
-from staterank.models.varheads import StaterankGatedDeltaNetConfig
+from staterank.models.per_layer import StaterankGatedDeltaNetConfig
 
 
 @register

@@ -24,6 +24,7 @@ from staterank.data import load_sequences
 from staterank.errors import StaterankError
 from staterank.loading import LoadedModel
 from staterank.models import ModelAdapter
+from staterank.options import PruneOptions, resolve
 from staterank.prune.channels import ChannelCriterion, ChannelSelection, get_criterion
 
 
@@ -132,22 +133,18 @@ def _rotate(adapter: ModelAdapter, layer: int, basis: torch.Tensor) -> tuple[tor
 
 
 def prune_channels(
-    loaded: LoadedModel,
-    method: str,
-    ratio: float,
-    data: str | None = None,
-    calib_tokens: int = 32768,
-    seq_len: int = 2048,
-    align: int | None = None,
-    seed: int = 0,
-    batch_size: int = 4,
-    options: dict | None = None,
-    progress: bool = True,
+    loaded: LoadedModel, method: str, ratio: float, opts: PruneOptions | None = None, **overrides
 ) -> ChannelPruningResult:
-    """Prune the q/k channels of every linear-attention layer of ``loaded.model`` in place."""
+    """Prune the q/k channels of every linear-attention layer of ``loaded.model`` in place.
+
+    ``opts`` (:class:`~staterank.options.PruneOptions`, or its fields as keywords): the calibration
+    data, tokens, sequence length, batch size and seed, the alignment and the method's options.
+    """
     start = time.perf_counter()
+    opts = resolve(PruneOptions, opts, overrides)
+    data, align, seed = opts.data, opts.align, opts.seed
     adapter = loaded.adapter
-    criterion = get_criterion(method, **(options or {}))
+    criterion = get_criterion(method, **opts.options)
     check_channel_options(criterion, ratio, align, data)
     dims = {shape.head_k_dim for shape in adapter.shapes()}
     if len(dims) != 1:
@@ -157,10 +154,11 @@ def prune_channels(
 
     calibration = None
     if criterion.needs:
-        sequences = load_sequences(data, loaded.tokenizer, seq_len, max_tokens=calib_tokens, shuffle=True, seed=seed)
-        calibration = calibrate(
-            adapter, sequences, batch_size=batch_size, gradients="gradients" in criterion.needs, progress=progress
+        sequences = load_sequences(
+            data, loaded.tokenizer, opts.seq_len, max_tokens=opts.calib_tokens, shuffle=True, seed=seed
         )
+        gradients, batch_size = "gradients" in criterion.needs, opts.batch_size
+        calibration = calibrate(adapter, sequences, batch_size=batch_size, gradients=gradients, progress=opts.progress)
 
     generator = torch.Generator().manual_seed(seed)
     selections = {}

@@ -18,17 +18,8 @@ from staterank.prune.channels.base import (
     register,
 )
 
-__all__ = [
-    "CHANNEL_CRITERIA",
-    "ChannelCriterion",
-    "ChannelSelection",
-    "CriterionError",
-    "ScoreCriterion",
-    "get_criterion",
-    "register",
-]
+#: The criterion registered as a name, with its options set (CriterionError for unknown names or options).
+get_criterion = CHANNEL_CRITERIA.get
 
-
-def get_criterion(name: str, **options) -> ChannelCriterion:
-    """The criterion registered as ``name``, with its options set (CriterionError for unknown names or options)."""
-    return CHANNEL_CRITERIA.get(name, **options)
+__all__ = ["CHANNEL_CRITERIA", "ChannelCriterion", "ChannelSelection", "CriterionError", "ScoreCriterion",
+           "get_criterion", "register"]  # fmt: skip

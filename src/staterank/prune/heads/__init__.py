@@ -9,7 +9,7 @@ The count is the whole number nearest to ratio x units; a ratio that removes not
 more than TOLERANCE (relative) is refused with the ratios that work, never silently changed.
 
     criterion = get_head_criterion("jrnp", alpha=0.5)
-    result = prune_heads(loaded, criterion, ratio=0.2, data="techdocs")
+    result = prune_heads(loaded, criterion, ratio=0.25, data="techdocs")
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 
 from staterank.data import load_sequences
 from staterank.loading import LoadedModel
-from staterank.models import LayerShape
+from staterank.models import LayerShape, PruningShapeError
+from staterank.options import PruneOptions, resolve
 from staterank.prune.heads import jrnp, random  # noqa: F401  (they register themselves)
 from staterank.prune.heads.base import HEAD_CRITERIA, HeadCriterion, HeadCriterionError, HeadProfile, register
 
@@ -46,10 +47,8 @@ __all__ = [
     "register",
 ]
 
-
-def get_head_criterion(name: str, **options) -> HeadCriterion:
-    """The criterion registered as ``name``, with its options set (HeadCriterionError for unknown names or options)."""
-    return HEAD_CRITERIA.get(name, **options)
+#: The criterion registered as a name, with its options set (HeadCriterionError for unknown names or options).
+get_head_criterion = HEAD_CRITERIA.get
 
 
 #: How far (relative) the fraction of heads actually removed may be from the requested ratio.
@@ -285,21 +284,17 @@ def profile_heads(
 
 
 def prune_heads(
-    loaded: LoadedModel,
-    criterion: HeadCriterion,
-    ratio: float,
-    data: str | None = None,
-    calib_tokens: int = 32768,
-    seq_len: int = 2048,
-    seed: int = 0,
-    batch_size: int = 1,
-    scope: str = "layer",
-    unit: str = "auto",
-    progress: bool = True,
+    loaded: LoadedModel, criterion: HeadCriterion, ratio: float, opts: PruneOptions | None = None, **overrides
 ) -> HeadPruningResult:
-    """Remove the chosen heads of every linear-attention layer of ``loaded.model`` in place."""
+    """Remove the chosen heads of every linear-attention layer of ``loaded.model`` in place.
+
+    ``opts`` (:class:`~staterank.options.PruneOptions`, or its fields as keywords): the calibration
+    data, tokens, sequence length, batch size and seed of the profile, the scope and the unit.
+    """
     start = time.perf_counter()
-    check_head_options(criterion, ratio, data, scope, unit)
+    opts = resolve(PruneOptions, opts, overrides)
+    scope, unit, seed = opts.scope, opts.unit, opts.seed
+    check_head_options(criterion, ratio, opts.data, scope, unit)
     adapter = loaded.adapter
     shapes = {shape.layer: shape for shape in adapter.shapes()}
     if scope == "layer":  # refuse before profiling: the counts follow from the layout alone
@@ -309,7 +304,9 @@ def prune_heads(
 
     profile, tokens = None, 0
     if criterion.needs_profile:
-        profile, tokens = profile_heads(loaded, data, calib_tokens, seq_len, seed, batch_size, progress=progress)
+        profile, tokens = profile_heads(
+            loaded, opts.data, opts.calib_tokens, opts.seq_len, seed, opts.batch_size, progress=opts.progress
+        )
         order = profile.order
     else:
         order = [(layer, head) for layer, shape in shapes.items() for head in range(shape.num_v_heads)]
@@ -318,16 +315,12 @@ def prune_heads(
     if scope == "layer":
         removed, removed_unit = heads_to_remove(shapes, scores, ratio, criterion.remove_lowest, unit)
         adapter.remove_heads(removed)
-    else:
-        from staterank.models.varheads import to_per_layer_heads
-
+    else:  # the layers may end with different counts: remove_heads then writes a per-layer config
         removed, removed_unit = heads_to_remove_globally(shapes, scores, ratio, criterion.remove_lowest), "head"
-        adapter.remove_heads(removed, per_layer=True)
-        if len({(s.num_k_heads, s.num_v_heads) for s in adapter.shapes()}) > 1:
-            try:
-                to_per_layer_heads(loaded.model, adapter)
-            except ValueError as e:
-                raise HeadCriterionError(f"--scope global: {e}") from None
+        try:
+            adapter.remove_heads(removed, per_layer=True)
+        except PruningShapeError as e:
+            raise HeadCriterionError(f"--scope global: {e}") from None
     return HeadPruningResult(
         removed=removed,
         scores={layer: s.tolist() for layer, s in scores.items()},

@@ -1,0 +1,308 @@
+"""The one training loop, shared by pretraining and LoRA recovery, read top to bottom like nanoGPT's train.py.
+
+:func:`train_loop` takes what differs between runs as arguments (the loss of a batch, the parameter
+groups to optimise, the files a checkpoint needs besides its state, a validation hook) and does the rest:
+
+1. AdamW (betas 0.9, 0.95; fused on CUDA), the learning rate of :func:`lr_at` (linear warmup, then a
+   cosine down to ``min_lr_ratio * lr``), gradient-norm clipping, bf16 autocast on CUDA;
+2. the batch of a step from :func:`batch_at`, optionally split into micro-batches whose gradients add up to
+   the whole batch's (gradient accumulation);
+3. under torchrun, data parallel (DDP): every rank takes ``batch_size / W`` rows of each batch and DDP
+   averages the gradients, so a step is the step one process takes on the whole batch; rank 0 writes;
+4. the mean losses every :data:`LOG_EVERY` steps, validation every ``validate_every`` steps and at the end;
+5. a checkpoint every ``save_every`` steps and when stopped early (``stop_after``): the trained parameters,
+   the optimizer, every rank's random-number state and the :class:`State`.
+
+Resuming gives the same final weights as an uninterrupted run: the learning rate and the batch of a step
+are pure functions of the step (no scheduler or data-loader state), and the checkpoint holds everything
+else that changes. :func:`write_output` then writes the final output, atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from staterank import distributed
+from staterank.data import load_sequences
+from staterank.errors import DataError, OutputExistsError, StaterankError
+from staterank.io import output_dir
+from staterank.validate import check_output_path
+
+ADAM_BETAS = (0.9, 0.95)
+LOG_EVERY = 10  # steps between reading the losses back from the device (each read waits for the GPU)
+
+#: The loss of a batch: (the model to call, token ids [rows, seq_len]) -> named scalar losses. The first,
+#: "loss", is minimised; the others (its parts) are only logged.
+Loss = Callable[[torch.nn.Module, torch.Tensor], dict[str, torch.Tensor]]
+
+
+@dataclass
+class State:
+    """Where a run is; every checkpoint holds it."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    seconds: float = 0.0  # spent in training steps (validation and checkpoints left out)
+    losses: list[dict[str, float]] = field(default_factory=list)  # every LOG_EVERY steps: the step, each mean loss
+    validations: list[dict[str, Any]] = field(default_factory=list)  # the validate hook's results, step and tokens
+    final_loss: float = math.nan  # the mean loss of the last logged steps
+    finished: bool = False  # all the steps done (not stopped early)
+
+
+def train_loop(
+    model: torch.nn.Module,
+    loss: Loss,
+    param_groups: list[dict[str, Any]],
+    sequences: torch.Tensor,
+    options: dict[str, Any],
+    run_defining: tuple[str, ...],
+    checkpoint_dir: Path,
+    *,
+    resume: bool = False,
+    save_every: int = 0,
+    checkpoint_files: Callable[[Path], None] | None = None,
+    validate: Callable[[int], dict[str, Any]] | None = None,
+    validate_every: int = 0,
+    micro_batch_size: int | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    name: str = "train",
+) -> State:
+    """Train MODEL's parameters in ``param_groups`` on SEQUENCES [n, seq_len]; return the run's :class:`State`.
+
+    ``options`` are the run's options, recorded in every checkpoint; the loop reads ``steps``,
+    ``batch_size``, ``lr``, ``warmup_steps``, ``min_lr_ratio``, ``grad_clip`` and ``seed`` from them, and a
+    resume refuses a checkpoint whose ``run_defining`` options differ. ``param_groups`` are AdamW's
+    groups, each with its ``weight_decay``; every parameter that requires a gradient is clipped and
+    checkpointed. ``checkpoint_files(directory)`` writes what a resume needs besides the state (a
+    tokenizer). ``validate(step)`` returns a record (printing it is the hook's part), kept in
+    ``State.validations`` with the step and the tokens seen. ``micro_batch_size``: rows per forward and
+    backward pass on each rank (None: the rank's whole slice of the batch).
+    """
+    steps, batch_size, seed = options["steps"], options["batch_size"], options["seed"]
+    device = next(model.parameters()).device
+    here = distributed.world()
+    rows = distributed.split_batch(batch_size)  # this rank's rows of every batch
+    # DDP averages the gradients of the ranks' slices: the gradient of the mean loss over the whole batch.
+    trained = model
+    if here.parallel:
+        trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(param_groups, lr=options["lr"], betas=ADAM_BETAS, fused=device.type == "cuda")
+    autocast = mixed_precision(device)
+
+    # -- the state, or the checkpoint's --------------------------------------------------------
+    state = State()
+    if resume:
+        with distributed.together():  # every rank reads the checkpoint rank 0 wrote
+            saved = load_checkpoint(checkpoint_dir, options, run_defining, sequences.shape[0])
+        model.load_state_dict(saved["parameters"], strict=False)  # the trained ones; the others are rebuilt
+        optimizer.load_state_dict(saved["optimizer"])
+        state = State(**saved["state"])
+        ranks_rng = saved["rng_by_rank"]
+        restore_rng_state(ranks_rng[here.rank] if len(ranks_rng) == here.size else saved["rng"], device)
+        if distributed.is_main():
+            print(f"resuming at step {state.step} of {steps}")
+
+    def save_checkpoint() -> None:
+        saved = {
+            "parameters": {key: p.detach() for key, p in model.named_parameters() if p.requires_grad},
+            "optimizer": optimizer.state_dict(),
+            "state": asdict(state),
+            "options": options,
+            "num_sequences": sequences.shape[0],  # the data position is the step; this guards the data
+            "rng": rng_state(device),
+            "rng_by_rank": distributed.gather_objects(rng_state(device)),
+        }
+        with distributed.together():
+            if distributed.is_main():
+                with output_dir(checkpoint_dir, overwrite=True) as tmp:
+                    torch.save(saved, tmp / "state.pt")
+                    if checkpoint_files is not None:
+                        checkpoint_files(tmp)
+
+    # -- the loop ------------------------------------------------------------------------------
+    model.train()
+    end = steps if stop_after is None else min(steps, state.step + stop_after)
+    shown = progress and distributed.is_main()
+    bar = tqdm(total=steps, initial=state.step, unit="step", desc=name, disable=not shown, dynamic_ncols=True)
+    window: dict[str, torch.Tensor] = {}  # loss sums kept on the device, read every LOG_EVERY steps
+    window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+    while state.step < end:
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state.step, options["lr"], options["warmup_steps"], steps, options["min_lr_ratio"])
+        batch = batch_at(sequences, state.step, batch_size, seed)  # [batch_size, seq_len]
+        step_losses = backward(trained, loss, batch[rows].to(device, non_blocking=True), micro_batch_size, autocast)
+        torch.nn.utils.clip_grad_norm_(trainable, options["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        state.step += 1
+        state.tokens_seen += batch.numel()
+        window = {key: window.get(key, 0) + value for key, value in step_losses.items()}
+        window_steps += 1
+        window_tokens += batch.numel()
+        if window_steps == LOG_EVERY or state.step == end:
+            # The ranks' slices are equal: the mean of their means is the batch's mean.
+            sums = distributed.all_reduce_sum(torch.stack(list(window.values()))).tolist()
+            means = {key: total / (window_steps * here.size) for key, total in zip(window, sums, strict=True)}
+            state.losses.append({"step": state.step, **means})
+            state.final_loss = means["loss"]
+            rate = window_tokens / (time.perf_counter() - window_start)
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{means['loss']:.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.2e}")
+            window = {}
+            window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
+        bar.update(1)
+        state.seconds += time.perf_counter() - started
+
+        periodic = validate_every and state.step % validate_every == 0
+        if validate is not None and (periodic or state.step == steps):
+            state.validations.append({"step": state.step, "tokens": state.tokens_seen, **validate(state.step)})
+            window_start = time.perf_counter()  # keep validation time out of the tokens/s figure
+        if state.step < steps and (state.step == end or (save_every and state.step % save_every == 0)):
+            save_checkpoint()
+            window_start = time.perf_counter()
+    bar.close()
+
+    state.finished = state.step == steps
+    if not state.finished and distributed.is_main():
+        print(f"stopped at step {state.step} of {steps}; continue with --resume")
+    return state
+
+
+def backward(
+    model: torch.nn.Module,
+    loss: Loss,
+    batch: torch.Tensor,
+    micro_batch_size: int | None,
+    autocast: torch.autocast,
+) -> dict[str, torch.Tensor]:
+    """Backpropagate the loss of BATCH [rows, seq_len] in micro-batches; return the batch's losses, detached.
+
+    Every micro-batch's losses are means over its tokens, so weighted by its share of the rows they
+    add up to the batch's mean, and so do the gradients. Under DDP the gradients are averaged over
+    the ranks at the last micro-batch only.
+    """
+    micro_batches = batch.split(micro_batch_size or batch.shape[0])
+    totals: dict[str, torch.Tensor] = {}
+    for i, micro in enumerate(micro_batches):
+        accumulating = isinstance(model, DistributedDataParallel) and i < len(micro_batches) - 1
+        with model.no_sync() if accumulating else contextlib.nullcontext():
+            with autocast:
+                losses = loss(model, micro)
+            share = micro.shape[0] / batch.shape[0]
+            (losses["loss"] * share).backward()
+        totals = {key: totals.get(key, 0) + value.detach() * share for key, value in losses.items()}
+    return totals
+
+
+def mixed_precision(device: torch.device) -> torch.autocast:
+    """bf16 matrix products on GPU with float32 master weights and optimizer; off on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of every token after the first, predicted from the ones before it.
+
+    ``logits`` [batch, seq, vocab] of ``input_ids`` [batch, seq]; a mean (or sum) over batch x (seq - 1) tokens.
+    """
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction=reduction)
+
+
+def lr_at(step: int, lr: float, warmup_steps: int, steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup from lr/warmup to lr, then a cosine from lr down to min_lr_ratio * lr."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    done = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * done)))
+
+
+def batch_at(sequences: torch.Tensor, step: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The batch of a step: epoch e visits the sequences in a permutation seeded by (seed, e).
+
+    Any step's batch is known without replaying the ones before it, which is what resume needs.
+    """
+    batches_per_epoch = sequences.shape[0] // batch_size  # the last partial batch of an epoch is dropped
+    epoch, index = divmod(step, batches_per_epoch)
+    order = torch.randperm(sequences.shape[0], generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return sequences[order[index * batch_size : (index + 1) * batch_size]]
+
+
+def training_sequences(
+    data: str, tokenizer: Any, seq_len: int, batch_size: int, max_tokens: int | None, seed: int
+) -> torch.Tensor:
+    """DATA as packed sequences [n, seq_len], documents shuffled by SEED: at least one batch, the same on every rank."""
+    with distributed.together():  # load_sequences raises DataError when the corpus holds no sequence of seq_len
+        sequences = load_sequences(data, tokenizer, seq_len, max_tokens=max_tokens, shuffle=True, seed=seed)
+        if sequences.shape[0] < batch_size:
+            raise DataError(
+                f"{data}: {sequences.shape[0]} sequences of {seq_len} tokens, fewer than one batch of {batch_size}"
+            )
+    if distributed.world().parallel:
+        distributed.check_same("data", distributed.data_fingerprint(sequences), "training data")
+    return sequences
+
+
+def checkpoint_dir_for(out: Path, resume: bool, overwrite: bool) -> Path:
+    """The checkpoint folder of a run writing OUT: it must exist to resume; OUT must not, unless overwritten."""
+    check_output_path(out)
+    checkpoint_dir = out / "checkpoint"
+    if resume:
+        if not (checkpoint_dir / "state.pt").is_file():
+            raise StaterankError(f"{out}: no checkpoint to resume from ({checkpoint_dir}/state.pt is missing)")
+    elif out.exists():
+        if not overwrite:
+            raise OutputExistsError(f"{out} exists; pass --overwrite to replace it, or --resume to continue it")
+        # The old OUT stays in place until the new output replaces it; only a stale checkpoint goes.
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return checkpoint_dir
+
+
+def load_checkpoint(checkpoint_dir: Path, options: dict, run_defining: tuple[str, ...], num_sequences: int) -> dict:
+    """The checkpoint's contents, after checking that the run it continues is this one."""
+    out = checkpoint_dir.parent
+    saved = torch.load(checkpoint_dir / "state.pt", map_location="cpu", weights_only=True)
+    if "state" not in saved:
+        raise StaterankError(f"{out}: the checkpoint is of an older staterank; start again with --overwrite")
+    changed = [k for k in run_defining if saved["options"][k] != options[k]]
+    if changed:
+        was = ", ".join(f"{k}={saved['options'][k]!r} (now {options[k]!r})" for k in changed)
+        raise StaterankError(f"{out}: cannot resume with different options: the checkpoint has {was}")
+    if saved["num_sequences"] != num_sequences:
+        raise StaterankError(f"{out}: the training data differs from the checkpoint's")
+    return saved
+
+
+def rng_state(device: torch.device) -> dict:
+    """The random-number state a checkpoint keeps, so that a resumed run draws what the whole run would."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def write_output(out: Path, save: Callable[[Path], None], state: State) -> None:
+    """Rank 0 writes OUT with ``save(directory)``: into a temporary directory renamed into place, replacing OUT
+    and the checkpoint in it. Every rank waits for it."""
+    with distributed.together():
+        if distributed.is_main():
+            with output_dir(out, overwrite=True) as tmp:
+                save(tmp)
+            print(f"wrote {out}: {state.tokens_seen:,} tokens seen in {state.seconds:.0f} s")
