@@ -49,15 +49,16 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as transformers_logging
 
-from staterank import api
-from staterank import evaluate as evaluation
+from staterank import api, pipelines
 from staterank.backends.patch import TORCH_KERNEL_CHOICES
 from staterank.errors import StaterankError
 from staterank.io import atomic_file, check_output, write_json
 from staterank.loading import bundled_path, prepare_runtime
+from staterank.options import EvaluateOptions, FinetuneOptions, PruneOptions
+from staterank.pipelines import Study
 from staterank.prune.channels import CHANNEL_CRITERIA
 from staterank.prune.heads import HEAD_CRITERIA
-from staterank.train import read_config, train
+from staterank.training.pretrain import read_config, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODELS = {"deltanet": "reproduce-deltanet.json", "gated-deltanet": "reproduce-gated-deltanet.json"}
@@ -316,38 +317,49 @@ def train_model(run: Run, name: str, args: argparse.Namespace) -> Path:
     return out
 
 
+def study(args: argparse.Namespace) -> Study:
+    """What every step of the run shares, from the command line."""
+    return Study(
+        device=args.device,
+        dtype=DTYPES[args.dtype],
+        seed=args.seed,
+        corpora=tuple(CORPORA),
+        evaluation=EvaluateOptions(
+            seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, batch_size=args.eval_batch_size, progress=False
+        ),
+        recall={
+            "num_items": tuple(args.recall_items),
+            "distances": tuple(args.recall_distances),
+            "trials": args.recall_trials,
+        },
+        calibration=PruneOptions(
+            data=args.calib_data,
+            calib_tokens=args.calib_tokens,
+            seq_len=args.calib_seq_len,
+            batch_size=args.calib_batch_size,
+        ),
+        recover_data=args.recover_data,
+        lora=FinetuneOptions(
+            steps=args.lora_steps,
+            batch_size=args.lora_batch_size,
+            seq_len=args.lora_seq_len,
+            lr=args.lora_lr,
+            warmup_steps=max(1, min(20, args.lora_steps // 10)),
+            save_every=0,
+            max_train_tokens=args.lora_steps * args.lora_batch_size * args.lora_seq_len,
+        ),
+    )
+
+
 def measure(path: Path, args: argparse.Namespace) -> dict:
     """Perplexity on both corpora, the recall probe and the state bytes of the model in PATH."""
     start = time.perf_counter()
-    loaded = api.load_model(path, device=args.device, dtype=DTYPES[args.dtype])
-    row = {}
-    for data, key in CORPORA.items():
-        row[key] = api.evaluate(
-            loaded,
-            data,
-            seq_len=args.eval_seq_len,
-            max_tokens=args.eval_tokens,
-            batch_size=args.eval_batch_size,
-            seed=args.seed,
-            progress=False,
-        )["ppl"]
-    recall = evaluation.recall(
-        loaded,
-        num_items=tuple(args.recall_items),
-        distances=tuple(args.recall_distances),
-        trials=args.recall_trials,
-        seed=args.seed,
-        batch_size=args.eval_batch_size,
-    )
-    shape = loaded.adapter.shapes()[0]
+    measured = pipelines.measure(path, study(args))
+    row = {key: measured["ppl"][data] for data, key in CORPORA.items()}
     row.update(
-        copy_accuracy=statistics.fmean(recall["copy"]["accuracy"]),
-        kv_accuracy=statistics.fmean(recall["kv"]["accuracy"]),
-        recall=recall,
-        head_k_dim=shape.head_k_dim,
-        heads_per_layer=shape.num_v_heads,
-        state_bytes=loaded.adapter.state_bytes_per_seq(),
-        params=sum(p.numel() for p in loaded.model.parameters()),
+        copy_accuracy=statistics.fmean(measured["recall"]["copy"]["accuracy"]),
+        kv_accuracy=statistics.fmean(measured["recall"]["kv"]["accuracy"]),
+        **{key: measured[key] for key in ("recall", "head_k_dim", "heads_per_layer", "state_bytes", "params")},
         eval_seconds=time.perf_counter() - start,
     )
     return row
@@ -392,21 +404,7 @@ def analyze_model(run: Run, name: str, trained: Path, args: argparse.Namespace) 
 def prune_and_measure(run: Run, name: str, trained: Path, method: str, ratio: float, args) -> Path:
     kind = "heads" if method in HEAD_CRITERIA else "channels"
     out = run.out / "models" / name / "pruned" / f"{method}-{ratio}"
-    report = api.prune(
-        trained,
-        method,
-        ratio,
-        out,
-        data=args.calib_data,
-        calib_tokens=args.calib_tokens,
-        seq_len=args.calib_seq_len,
-        seed=args.seed,
-        batch_size=args.calib_batch_size,
-        device=args.device,
-        dtype=DTYPES[args.dtype],
-        overwrite=True,
-        progress=False,
-    )
+    report = pipelines.prune(trained, method, ratio, out, study(args))
     row = {"model": name, "kind": kind, "method": method, "ratio": ratio, "stage": "pruned", **measure(out, args)}
     row.update(seconds=report["seconds"], calib_tokens=report["calib_tokens"], path=str(out.relative_to(run.out)))
     if kind == "heads":
@@ -416,28 +414,10 @@ def prune_and_measure(run: Run, name: str, trained: Path, method: str, ratio: fl
 
 
 def recover(run: Run, name: str, trained: Path, pruned: Path, method: str, args) -> None:
-    from staterank.finetune import finetune  # imports PEFT, which main checks for first
-
     for teacher in (None, trained):
         stage = "lora+kd" if teacher else "lora"
         out = run.out / "models" / name / "recovered" / f"{method}-{args.recover_ratio}-{stage}"
-        summary = finetune(
-            pruned,
-            args.recover_data,
-            out,
-            teacher=teacher,
-            steps=args.lora_steps,
-            batch_size=args.lora_batch_size,
-            seq_len=args.lora_seq_len,
-            lr=args.lora_lr,
-            warmup_steps=max(1, min(20, args.lora_steps // 10)),
-            seed=args.seed,
-            save_every=0,
-            overwrite=True,
-            device=args.device,
-            progress=False,
-            max_train_tokens=args.lora_steps * args.lora_batch_size * args.lora_seq_len,
-        )
+        summary = pipelines.recover(pruned, out, study(args), teacher=teacher)
         row = {"model": name, "kind": "recovery", "method": method, "ratio": args.recover_ratio, "stage": stage}
         row.update(measure(out, args))
         row.update(seconds=summary["seconds"], lora_tokens=summary["tokens_seen"], path=str(out.relative_to(run.out)))

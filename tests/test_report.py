@@ -10,8 +10,14 @@ import subprocess
 
 import pytest
 
+from staterank import layout
 from staterank.cli import main
 from staterank.report import write_report
+
+
+def write_eval(run_dir, model, result):
+    """What `staterank evaluate --out` writes (it names the model and the corpus), where the run layout puts it."""
+    layout.eval_path(run_dir, model, result["data"]).write_text(json.dumps({"model": model, **result}))
 
 
 def fake_run(run_dir):
@@ -22,8 +28,8 @@ def fake_run(run_dir):
     (run_dir / "analysis" / "rank_heatmap.png").write_bytes(png)
     (run_dir / "analysis" / "rank.json").write_text(json.dumps({
         "stratification": {"low": 3, "high": 5, "gap": 0.25}, "stability": {"across_samples_spearman": 0.9}}))
-    (run_dir / "eval-tiny-techdocs-val.json").write_text(json.dumps({"data": "techdocs-val", "ppl": 16.2}))
-    (run_dir / "eval-tiny-pruned-techdocs-val.json").write_text(json.dumps({"data": "techdocs-val", "ppl": 19.4}))
+    write_eval(run_dir, "/models/tiny", {"data": "techdocs-val", "ppl": 16.2})
+    write_eval(run_dir, "/runs/tiny-pruned", {"data": "techdocs-val", "ppl": 19.4})
     (run_dir / "bench.json").write_text(json.dumps({
         "device": "cpu", "dtype": "float32", "batch_size": 8, "seq_len": 2048,
         "models": [{"name": "tiny", "prefill_tokens_per_s": 1000.0, "decode_ms_per_token": {"1": 2.0},
@@ -66,18 +72,17 @@ def test_perplexity_against_ratio_and_recall_are_reported(tmp_path):
     from staterank.report import _ratio_points, collect
 
     fake_run(tmp_path)
-    (tmp_path / "eval-tiny-techdocs-val.json").write_text(json.dumps({"data": "techdocs-val", "ppl": 16.2}))
+    write_eval(tmp_path, "/models/tiny", {"data": "techdocs-val", "ppl": 16.2})
     for method, ratio, ppl in (("rrqr", 0.25, 17.0), ("rrqr", 0.5, 19.4), ("l1", 0.5, 29.9)):
         folder = tmp_path / f"{method}-{ratio}"
         folder.mkdir()
         (folder / "pruning.json").write_text(json.dumps({
             "model": "/models/tiny", "method": method, "ratio": ratio, "head_k_dim_before": 64,
             "head_k_dim_after": 48, "kept": {}, "state_bytes_before": 10, "state_bytes_after": 8}))
-        (tmp_path / f"eval-{method}-{ratio}-techdocs-val.json").write_text(
-            json.dumps({"data": "techdocs-val", "ppl": ppl}))
+        write_eval(tmp_path, str(folder), {"data": "techdocs-val", "ppl": ppl})
     recall = {"copy": {"length": 16, "distance": [32, 128], "accuracy": [0.5, 0.25], "chance": 0.001},
               "kv": {"items": [4], "accuracy": [0.125], "chance": 0.001}}
-    (tmp_path / "eval-tiny-recall.json").write_text(json.dumps({"data": None, "recall": recall}))
+    write_eval(tmp_path, "/models/tiny", {"data": None, "recall": recall})
     found = collect(tmp_path)
     # l1 ran at one ratio only: no curve; rrqr's starts at the unpruned model's 16.2
     assert _ratio_points(found, "techdocs-val") == {"rrqr": [(0.0, 16.2), (0.25, 17.0), (0.5, 19.4)]}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from staterank import layout
 from staterank.errors import StaterankError
 from staterank.io import atomic_file
 
@@ -55,7 +56,7 @@ def _ratio_points(found: dict, data: str) -> dict[str, list[tuple[float, float]]
         if data not in scores:
             continue
         line = points.setdefault(report["method"], [])
-        original = found["evals"].get(Path(str(report.get("model", ""))).name, {})
+        original = found["evals"].get(layout.model_name(report.get("model", "")), {})
         if data in original and not any(ratio == 0 for ratio, _ in line):
             line.append((0.0, original[data]))
         line.append((float(report["ratio"]), scores[data]))
@@ -94,24 +95,22 @@ def _recall_rows(recalls: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
 def collect(run_dir: Path) -> dict:
     """Everything reportable in a run directory (raises ReportError when there is nothing)."""
     found: dict = {"info": None, "analyses": [], "pruning": [], "evals": {}, "recall": {}, "bench": None}
-    if (run_dir / "info.json").is_file():
-        found["info"] = _read(run_dir / "info.json")
-    for rank in sorted(run_dir.rglob("rank.json")):
+    if (run_dir / layout.INFO).is_file():
+        found["info"] = _read(run_dir / layout.INFO)
+    for rank in sorted(run_dir.rglob(layout.RANK)):
         images = sorted(rank.parent.glob("*.png"))
         found["analyses"].append({"dir": rank.parent, "rank": _read(rank), "images": images})
-    for pruning in sorted(run_dir.rglob("pruning.json")):
-        found["pruning"].append({"name": pruning.parent.name, "report": _read(pruning)})
-    for path in sorted(run_dir.glob("eval-*.json")):
-        result = _read(path)
-        stem = path.stem.removeprefix("eval-")
-        data = result.get("data") or "recall"  # eval-MODEL-DATA.json, or eval-MODEL-recall.json without data
-        model = stem[: -len(data) - 1] if stem.endswith(f"-{data}") else stem
+    for pruning in sorted(run_dir.rglob(layout.PRUNING)):
+        found["pruning"].append({"name": layout.model_name(pruning.parent), "report": _read(pruning)})
+    for path in sorted(run_dir.glob(layout.EVAL_GLOB)):
+        result = _read(path)  # staterank evaluate's JSON names the model and the corpus itself
+        model = layout.model_name(result["model"])
         if "ppl" in result:
-            found["evals"].setdefault(model, {})[data] = result["ppl"]
+            found["evals"].setdefault(model, {})[result["data"]] = result["ppl"]
         if "recall" in result:
             found["recall"][model] = result["recall"]
-    if (run_dir / "bench.json").is_file():
-        found["bench"] = _read(run_dir / "bench.json")
+    if (run_dir / layout.BENCH).is_file():
+        found["bench"] = _read(run_dir / layout.BENCH)
     if not any([found["info"], found["analyses"], found["pruning"], found["evals"], found["recall"], found["bench"]]):
         raise ReportError(
             f"{run_dir}: nothing to report (no info.json, rank.json, pruning.json, eval-*.json or bench.json)"
@@ -193,13 +192,13 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             [model] + [f"{scores[d]:.2f}" if d in scores else "" for d in corpora]
             for model, scores in found["evals"].items()
         ]
-        chart = run_dir / "perplexity.png"
+        chart = run_dir / layout.PERPLEXITY_CHART
         with atomic_file(chart, "wb") as f:
             f.write(_perplexity_chart(found["evals"]))
         items: list[tuple[str, object]] = [("table", (["model", *corpora], rows)), ("image", chart)]
         curves = {data: lines for data in corpora if (lines := _ratio_points(found, data))}
         if curves:
-            chart = run_dir / "perplexity_vs_ratio.png"
+            chart = run_dir / layout.RATIO_CHART
             with atomic_file(chart, "wb") as f:
                 f.write(_ratio_chart(curves))
             items.append(("image", chart))
@@ -263,7 +262,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         f"<!doctype html><html><head><meta charset='utf-8'><title>staterank report</title>"
         f"<style>{style}</style></head><body>{''.join(page)}</body></html>"
     )
-    md_path, html_path = run_dir / "report.md", run_dir / "report.html"
+    md_path, html_path = run_dir / layout.REPORT_MARKDOWN, run_dir / layout.REPORT_HTML
     with atomic_file(md_path) as f:
         f.write("\n".join(markdown))
     with atomic_file(html_path) as f:
