@@ -78,3 +78,18 @@ MINI_MODELS = {
         "shared_expert_intermediate_size": 32,
     },
 }  # fmt: skip
+
+
+@torch.no_grad()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The model's logits [B, T, vocab] for token ids [B, T]."""
+    return model(input_ids=ids).logits
+
+
+@torch.no_grad()
+def tapped(adapter, ids: torch.Tensor) -> dict[int, HeadFeatures]:
+    """Every linear-attention layer's features (the adapter's tap) for one forward pass over ``ids``."""
+    features = {}
+    with adapter.tap(lambda f: features.__setitem__(f.layer, f)):
+        adapter.model(input_ids=ids)
+    return features

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import delta_rule_loop
+from reference import delta_rule_loop, logits, tapped
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from staterank.errors import UnsupportedModelError
@@ -41,17 +41,6 @@ def tokens(batch: int = 2, seq: int = 37) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
 
 
-@torch.no_grad()
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits
-
-
-@torch.no_grad()
-def tapped(adapter, ids: torch.Tensor) -> dict:
-    features = {}
-    with adapter.tap(lambda f: features.__setitem__(f.layer, f)):
-        adapter.model(input_ids=ids)
-    return features
 
 
 def random_keep(adapter, new_dim: int, seed: int = 0) -> dict[int, torch.Tensor]:

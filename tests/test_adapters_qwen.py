@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from reference import delta_rule_loop
+from reference import delta_rule_loop, logits, tapped
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
@@ -25,7 +25,7 @@ from transformers import (
 
 from staterank.backends.hf_fallbacks import _dispatch_on_device, use_torch_fallbacks_on_cpu
 from staterank.models import adapter_for
-from staterank.models.base import HeadFeatures, ModelAdapter, PruningShapeError
+from staterank.models.base import ModelAdapter, PruningShapeError
 
 use_torch_fallbacks_on_cpu()
 
@@ -83,17 +83,6 @@ def ids() -> torch.Tensor:
     return torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-@torch.no_grad()
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids).logits
-
-
-@torch.no_grad()
-def tapped(adapter: ModelAdapter, ids: torch.Tensor) -> dict[int, HeadFeatures]:
-    features = {}
-    with adapter.tap(lambda f: features.__setitem__(f.layer, f)):
-        adapter.model(ids)
-    return features
 
 
 def modeling_module(adapter: ModelAdapter):

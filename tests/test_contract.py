@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import logits, tapped
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
@@ -80,16 +81,6 @@ AUTO_CLASSES = {"qwen3_5": AutoModelForImageTextToText, "qwen3_5_moe": AutoModel
 COVERED_ELSEWHERE: dict[str, str] = {}
 
 
-def families(**known_failures: str) -> list:
-    """FAMILIES as test parameters; ``family=reason`` marks a known failure (strict: the fix shows as a pass)."""
-    return [
-        pytest.param(family, marks=pytest.mark.xfail(strict=True, reason=known_failures[family]))
-        if family in known_failures
-        else family
-        for family in FAMILIES
-    ]
-
-
 def per_layer_heads(config_class, base, layer_heads: dict[str, list[int]]):
     """A ``staterank_*`` config: the fields of ``base`` (at the largest head count) and the heads of every layer."""
     fields = {key: value for key, value in base.to_dict().items() if key != "model_type"}
@@ -116,17 +107,6 @@ def tokens(batch: int = 2, seq: int = 24) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
 
 
-@torch.no_grad()
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits
-
-
-@torch.no_grad()
-def tapped(adapter: ModelAdapter, ids: torch.Tensor) -> dict:
-    features = {}
-    with adapter.tap(lambda f: features.__setitem__(f.layer, f)):
-        adapter.model(input_ids=ids)
-    return features
 
 
 @torch.no_grad()
@@ -190,7 +170,7 @@ def test_every_registered_family_has_a_tiny_config():
     assert not set(FAMILIES) & set(COVERED_ELSEWHERE)
 
 
-@pytest.mark.parametrize("family", families())
+@pytest.mark.parametrize("family", FAMILIES)
 def test_the_tap_has_the_layer_shapes_and_its_final_state_is_the_cached_state(family, one_thread):
     model, adapter = build(family)
     ids = tokens()
@@ -214,7 +194,7 @@ def test_the_tap_has_the_layer_shapes_and_its_final_state_is_the_cached_state(fa
         assert final.abs().max() > 0.1  # not vacuous
 
 
-@pytest.mark.parametrize("family", families())
+@pytest.mark.parametrize("family", FAMILIES)
 def test_keeping_every_channel_is_the_identity(family, one_thread):
     model, adapter = build(family)
     ids = tokens()
@@ -225,10 +205,7 @@ def test_keeping_every_channel_is_the_identity(family, one_thread):
     torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    "family",
-    families(),
-)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_kept_channels_equal_zeroed_rows_and_reload(family, one_thread, tmp_path):
     model, adapter = build(family)
     ids = tokens()
@@ -266,10 +243,7 @@ def test_kept_channels_equal_zeroed_rows_and_reload(family, one_thread, tmp_path
     torch.testing.assert_close(logits(reloaded, ids), pruned, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "family",
-    families(),
-)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_removed_heads_equal_zeroed_output_columns_and_reload(family, one_thread, tmp_path):
     model, adapter = build(family)
     ids = tokens()
