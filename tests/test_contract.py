@@ -28,6 +28,8 @@ from reference import logits, tapped
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    KimiLinearConfig,
+    OlmoHybridConfig,
     Qwen3_5Config,
     Qwen3_5MoeConfig,
     Qwen3_5MoeTextConfig,
@@ -37,11 +39,12 @@ from transformers import (
 
 from staterank.loading import prepare_runtime
 from staterank.models import ADAPTERS, ModelAdapter, adapter_for
+from staterank.models.kimi_linear import StaterankKimiLinearConfig
 from staterank.models.per_layer import StaterankDeltaNetConfig, StaterankGatedDeltaNetConfig
 from staterank.rank import states_at
 
 prepare_runtime("delta_net")  # registers fla's classes and routes every family's CPU work to PyTorch
-from fla.models import DeltaNetConfig, GatedDeltaNetConfig  # noqa: E402
+from fla.models import DeltaNetConfig, GatedDeltaNetConfig, GatedDeltaProductConfig, KDAConfig  # noqa: E402
 
 VOCAB = 64
 EPS = 1e-30  # the heads' output RMSNorm epsilon (fla: norm_eps, transformers: rms_norm_eps); see the docstring
@@ -56,6 +59,19 @@ HYBRID = dict(  # a linear-attention layer, a full-attention layer, a linear-att
 )  # fmt: skip
 MOE = dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16)
 VISION = dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32)
+KIMI_LINEAR = dict(  # KDA, MLA, KDA; MoE in the last two blocks
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_experts=2,
+    num_experts_per_token=1, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=8,
+    qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, linear_head_dim=8, linear_num_heads=4, rms_norm_eps=EPS,
+    pad_token_id=None, bos_token_id=None, eos_token_id=None,
+    layer_types=["linear_attention", "full_attention", "linear_attention"],
+)  # fmt: skip
+OLMO_HYBRID = dict(  # as HYBRID, with OLMo's d_v = 2 d_k (its output norm's epsilon is fixed at 1e-5)
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+    linear_key_head_dim=8, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    linear_conv_kernel_dim=4, rms_norm_eps=EPS, pad_token_id=0, eos_token_id=1,
+    layer_types=["linear_attention", "full_attention", "linear_attention"],
+)  # fmt: skip
 
 #: One tiny config per registered model_type; 2 key heads x 4 value heads wherever the family groups value heads.
 FAMILIES = {
@@ -66,6 +82,14 @@ FAMILIES = {
     "qwen3_5_moe_text": lambda: Qwen3_5MoeTextConfig(**HYBRID, **MOE),
     "qwen3_5": lambda: Qwen3_5Config(text_config=HYBRID, vision_config=VISION),
     "qwen3_5_moe": lambda: Qwen3_5MoeConfig(text_config={**HYBRID, **MOE}, vision_config=VISION),
+    "kda": lambda: KDAConfig(**GATED_DELTANET, num_heads=2, num_v_heads=4),
+    "kimi_linear": lambda: KimiLinearConfig(**KIMI_LINEAR),
+    # what a d_k-pruned kimi_linear is saved as: q, k narrower than v
+    "staterank_kimi_linear": lambda: StaterankKimiLinearConfig(**KIMI_LINEAR, linear_key_head_dim=6),
+    "olmo_hybrid": lambda: OlmoHybridConfig(**OLMO_HYBRID),
+    "gated_deltaproduct": lambda: GatedDeltaProductConfig(
+        **GATED_DELTANET, num_heads=2, num_householder=2, use_forget_gate=True, allow_neg_eigval=True
+    ),
     # what `staterank prune --scope global` saves: layers with different head counts
     "staterank_delta_net": lambda: per_layer_heads(
         StaterankDeltaNetConfig, DeltaNetConfig(**DELTA_NET), {"0": [2, 2], "1": [4, 4]}
@@ -183,10 +207,14 @@ def test_the_tap_has_the_layer_shapes_and_its_final_state_is_the_cached_state(fa
     for shape in adapter.shapes():
         f = features[shape.layer]
         assert f.hidden.shape == (*ids.shape, width)
-        assert f.q.shape == f.k.shape == (*ids.shape, shape.num_k_heads, shape.head_k_dim)
-        assert f.v.shape == (*ids.shape, shape.num_v_heads, shape.head_v_dim)
-        assert f.beta.shape == (*ids.shape, shape.num_v_heads)
-        assert f.log_decay is None or f.log_decay.shape == (*ids.shape, shape.num_v_heads)
+        assert f.q.shape == (*ids.shape, shape.num_k_heads, shape.head_k_dim)
+        steps = f.k.shape[1] // ids.shape[1]  # delta steps per token: DeltaProduct's Householder keys, else 1
+        stepped = (len(ids), ids.shape[1] * steps)  # k, v, beta and the decay: one entry per step
+        assert f.k.shape == (*stepped, shape.num_k_heads, shape.head_k_dim)
+        assert f.v.shape == (*stepped, shape.num_v_heads, shape.head_v_dim)
+        assert f.beta.shape == (*stepped, shape.num_v_heads)
+        per_channel = (*stepped, shape.num_v_heads, shape.head_k_dim)  # KDA: a decay per key channel
+        assert f.log_decay is None or f.log_decay.shape in ((*stepped, shape.num_v_heads), per_channel)
         cached = adapter.cached_state(cache, shape.layer)  # [B, Hv, d_k, d_v], the model's own
         assert cached.shape == (len(ids), shape.num_v_heads, shape.head_k_dim, shape.head_v_dim)
         final = states_at(f, [ids.shape[1]], dtype=torch.float64)[0]
@@ -205,7 +233,17 @@ def test_keeping_every_channel_is_the_identity(family, one_thread):
     torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "family",
+    families(
+        olmo_hybrid="its heads' output RMSNorm has a fixed epsilon of 1e-5, which keeps part of the query scale "
+        "d_k^-1/2 that zeroed rows and kept channels differ by; tests/test_family_olmo_hybrid.py checks kept "
+        "channels against the kernel fed those channels, and the reload",
+        gated_deltaproduct="its qk_weights' k rows [Hk, d_k, n * hidden] are a copy (k_proj is laid out (n h d)), "
+        "so zeroing them leaves the model alone; tests/test_family_deltaproduct.py zeroes k_proj's rows of every "
+        "Householder key instead, and reloads",
+    ),
+)
 def test_kept_channels_equal_zeroed_rows_and_reload(family, one_thread, tmp_path):
     model, adapter = build(family)
     ids = tokens()
@@ -236,7 +274,11 @@ def test_kept_channels_equal_zeroed_rows_and_reload(family, one_thread, tmp_path
         for name in ("q", "k"):
             torch.testing.assert_close(getattr(after, name), getattr(original[layer], name).gather(-1, gather))
         for name in ("v", "beta", "log_decay"):
-            torch.testing.assert_close(getattr(after, name), getattr(original[layer], name))
+            before = getattr(original[layer], name)
+            if name == "log_decay" and before is not None and before.ndim == 4:  # per key channel: the kept ones
+                shape = adapter.layer_shape(layer)
+                before = before.gather(-1, index.repeat_interleave(shape.group_size, 0).expand(*ids.shape, -1, -1))
+            torch.testing.assert_close(getattr(after, name), before)
 
     reloaded = save_and_reload(family, model, tmp_path)
     assert [s.head_k_dim for s in adapter_for(reloaded).shapes()] == [d_k - 3] * len(keep)

@@ -4,8 +4,14 @@ The public functions live in :mod:`staterank.api` and are re-exported here lazil
 package registers the ``staterank_*`` model types (per-layer head counts) with transformers.
 """
 
-from staterank.errors import StaterankError
-from staterank.models.varheads import register_auto_classes
+import warnings
+
+# fla warns at import that Triton has no GPU here (transformers' Kimi Linear imports fla); staterank's CPU backend
+# is the answer to that, so the line is noise (loading.prepare_runtime says the same for every model it loads).
+warnings.filterwarnings("ignore", message="Triton is not supported on current platform")
+
+from staterank.errors import StaterankError  # noqa: E402
+from staterank.models.varheads import register_auto_classes  # noqa: E402
 
 # Models pruned with per-layer head counts load through AutoModelForCausalLM once staterank is imported.
 register_auto_classes()

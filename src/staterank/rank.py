@@ -20,6 +20,7 @@ import scipy.stats
 import torch
 
 from staterank.backends import chunk_delta_rule_torch
+from staterank.backends.kda import chunk_kda_torch
 from staterank.models import HeadFeatures
 
 
@@ -48,7 +49,7 @@ def states_at(
 
     Args:
         features: one layer's delta-rule inputs (q, k before the L2 norm ``[B, T, Hk, d_k]``, v ``[B, T, Hv, d_v]``,
-            beta and log decay ``[B, T, Hv]``).
+            beta ``[B, T, Hv]``, log decay ``[B, T, Hv]`` or, per key channel (KDA), ``[B, T, Hv, d_k]``).
         positions: token counts, sorted ascending and unique, in ``[1, T]``; ``T`` gives the final state.
         chunk_size: tokens per chunk of the chunked delta rule.
         dtype: computation and result dtype (float32, or float64 for exact comparisons).
@@ -58,26 +59,39 @@ def states_at(
 
     The sequence is cut at the requested positions and each segment runs through the chunked delta
     rule with the previous segment's final state as its initial state, so the cost is that of one
-    pass over the sequence plus one extra (partial) chunk per position.
+    pass over the sequence plus one extra (partial) chunk per position. A per-channel decay runs through
+    the KDA form of the chunked rule (:func:`staterank.backends.kda.chunk_kda_torch`); a scalar one, or
+    none, through the cheaper scalar form.
     """
     seq_len = features.q.shape[1]
     positions = _checked_positions(positions, seq_len)
+    steps = features.k.shape[1] // seq_len  # delta steps per token: Gated DeltaProduct's num_householder, else 1
     q, k, v, beta = (x.to(dtype) for x in (features.q, features.k, features.v, features.beta))
+    if steps > 1:  # q feeds only the outputs, which are discarded here; it has one entry per token, k one per step
+        q = k
     log_decay = None if features.log_decay is None else features.log_decay.to(dtype)
 
+    per_channel = log_decay is not None and log_decay.ndim == 4  # [B, T, Hv, d_k]
     states = []
     state = None
     start = 0
     for end in positions:
-        segment = slice(start, end)
-        _, state = chunk_delta_rule_torch(
-            q[:, segment], k[:, segment], v[:, segment], beta[:, segment],
-            None if log_decay is None else log_decay[:, segment],
-            initial_state=state,
-            output_final_state=True,
-            # A short segment needs no padding up to a full chunk.
-            chunk_size=min(chunk_size, end - start),
-        )
+        segment = slice(start * steps, end * steps)
+        # A short segment needs no padding up to a full chunk.
+        segment_chunk = min(chunk_size, (end - start) * steps)
+        if per_channel:
+            _, state = chunk_kda_torch(
+                q[:, segment], k[:, segment], v[:, segment], beta[:, segment], log_decay[:, segment],
+                initial_state=state, output_final_state=True, chunk_size=min(segment_chunk, 32),
+            )
+        else:
+            _, state = chunk_delta_rule_torch(
+                q[:, segment], k[:, segment], v[:, segment], beta[:, segment],
+                None if log_decay is None else log_decay[:, segment],
+                initial_state=state,
+                output_final_state=True,
+                chunk_size=segment_chunk,
+            )
         states.append(state)
         start = end
     return torch.stack(states)

@@ -1,15 +1,17 @@
 """Pure-PyTorch CPU backend for flash-linear-attention's DeltaNet and Gated DeltaNet models.
 
 Call :func:`install` once (it is idempotent) and ``fla.models.DeltaNetForCausalLM`` /
-``GatedDeltaNetForCausalLM`` run forward, backward and cached generation on CPU tensors, while CUDA tensors keep
-going through fla's Triton kernels.
+``GatedDeltaNetForCausalLM`` / ``GatedDeltaProductForCausalLM`` run forward, backward and cached generation on
+CPU tensors, while CUDA tensors keep going through fla's Triton kernels.
 
 The reference math is public so that other code can reproduce layer states outside the model:
 :func:`chunk_delta_rule_torch` (whole sequences), :func:`delta_rule_step_torch` (one token),
-:func:`gdn_log_decay` (Gated DeltaNet's ``g`` from ``a_proj``, ``A_log``, ``dt_bias``) and :func:`l2_norm`.
+:func:`gdn_log_decay` (Gated DeltaNet's ``g`` from ``a_proj``, ``A_log``, ``dt_bias``), :func:`l2_norm` and
+:func:`chunk_gated_delta_product_torch` (Gated DeltaProduct: several delta steps per token).
 """
 
 from staterank.backends.conv import causal_conv1d, causal_conv1d_update
+from staterank.backends.delta_product import chunk_gated_delta_product_torch
 from staterank.backends.delta_rule import (
     chunk_delta_rule_torch,
     delta_rule_step_torch,
@@ -23,6 +25,7 @@ __all__ = [
     'causal_conv1d',
     'causal_conv1d_update',
     'chunk_delta_rule_torch',
+    'chunk_gated_delta_product_torch',
     'delta_rule_step_torch',
     'gdn_log_decay',
     'install',

@@ -40,6 +40,12 @@ _KERNEL_FUNCTIONS = (
     "chunk_kimi_delta_attention",
     "recurrent_kimi_delta_attention",
 )
+#: names whose CPU route is staterank's own PyTorch op rather than transformers' reference (which, for Kimi
+#: Linear's KDA, loops token by token inside each chunk of 64)
+_TORCH_OPS = {
+    "chunk_kimi_delta_attention": "staterank.backends.kda:hf_chunk_kimi_delta_attention",
+    "recurrent_kimi_delta_attention": "staterank.backends.kda:hf_chunk_kimi_delta_attention",
+}
 
 
 def use_torch_fallbacks_on_cpu() -> None:
@@ -58,7 +64,15 @@ def use_torch_fallbacks_on_cpu() -> None:
                 continue
             reference = inspect.unwrap(chosen)
             if reference is not chosen:
-                setattr(module, function_name, _dispatch_on_device(chosen, reference))
+                setattr(module, function_name, _dispatch_on_device(chosen, _torch_op(function_name, reference)))
+
+
+def _torch_op(function_name: str, reference: Callable) -> Callable:
+    """The CPU implementation of a kernel name: staterank's op where :data:`_TORCH_OPS` names one."""
+    if function_name not in _TORCH_OPS:
+        return reference
+    module_name, _, attribute = _TORCH_OPS[function_name].partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
 
 
 def _dispatch_on_device(chosen: Callable, reference: Callable) -> Callable:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from staterank.backends import activations, conv, delta_rule, losses, norm
+from staterank.backends import activations, conv, delta_product, delta_rule, kda, losses, norm
 
 # (owner: "module" or "module:Class", attribute, CPU implementation with the same signature)
 _PATCHES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
@@ -28,6 +28,17 @@ _PATCHES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     # Gated DeltaNet layer: chunk mode with grad / long inputs, fused_recurrent for short grad-free calls.
     ('fla.layers.gated_deltanet', 'chunk_gated_delta_rule', delta_rule.chunk_gated_delta_rule),
     ('fla.layers.gated_deltanet', 'fused_recurrent_gated_delta_rule', delta_rule.fused_recurrent_gated_delta_rule),
+    # Gated DeltaProduct layer: chunk mode as Gated DeltaNet; its fused_recurrent mode calls the gated delta rule
+    # on the expanded sequence of num_householder steps per token.
+    ('fla.layers.gated_deltaproduct', 'chunk_gated_delta_product', delta_product.chunk_gated_delta_product),
+    (
+        'fla.layers.gated_deltaproduct',
+        'fused_recurrent_gated_delta_rule',
+        delta_rule.fused_recurrent_gated_delta_rule,
+    ),
+    # KDA layer (fla kda): the gated delta rule with a decay per key channel, same mode choice.
+    ('fla.layers.kda', 'chunk_kda', kda.chunk_kda),
+    ('fla.layers.kda', 'fused_recurrent_kda', kda.fused_recurrent_kda),
     # Gated DeltaNet fuses the q/k/v convolutions into one call when no cache is involved.
     ('fla.layers.gated_deltanet', 'causal_conv1d', conv.causal_conv1d),
     ('fla.modules.causal_conv1d.ops:ShortConvolution', 'forward', conv.short_convolution_forward),
@@ -55,7 +66,10 @@ _ORIGINAL = '__staterank_original__'
 # new head dimension costs more than the run. "all": every patched operation.
 TORCH_KERNEL_CHOICES = ('none', 'delta_rule', 'all')
 _DELTA_RULE_ATTRIBUTES = frozenset(
-    ('chunk_delta_rule', 'fused_recurrent_delta_rule', 'chunk_gated_delta_rule', 'fused_recurrent_gated_delta_rule')
+    (
+        'chunk_delta_rule', 'fused_recurrent_delta_rule', 'chunk_gated_delta_rule', 'fused_recurrent_gated_delta_rule',
+        'chunk_kda', 'fused_recurrent_kda', 'chunk_gated_delta_product',
+    )
 )
 _torch_everywhere: frozenset[str] = frozenset()
 

@@ -37,7 +37,16 @@ def adapter_for(model: PreTrainedModel) -> ModelAdapter:
 
 
 # Importing the family modules registers them.
-from staterank.models import delta_net, gated_deltanet, qwen3_5, qwen3_next  # noqa: E402, F401
+from staterank.models import (  # noqa: E402, F401
+    delta_net,
+    gated_deltanet,
+    gated_deltaproduct,
+    kda,
+    kimi_linear,
+    olmo_hybrid,
+    qwen3_5,
+    qwen3_next,
+)
 
 __all__ = [
     "ADAPTERS",

@@ -88,7 +88,9 @@ class HeadFeatures:
     k: torch.Tensor  # [B, T, Hk, d_k]
     v: torch.Tensor  # [B, T, Hv, d_v]
     beta: torch.Tensor  # [B, T, Hv]  in (0, 1], or (0, 2] with negative eigenvalues allowed
-    log_decay: torch.Tensor | None  # [B, T, Hv]  g_t <= 0, the state is scaled by exp(g_t); None: no decay
+    # [B, T, Hv]: g_t <= 0, the state is scaled by exp(g_t); [B, T, Hv, d_k] (KDA): row c of the state is
+    # scaled by exp(g_t[c]), S_t = diag(exp(g_t)) S_{t-1} before the delta update; None: no decay
+    log_decay: torch.Tensor | None
 
 
 FeatureCallback = Callable[[HeadFeatures], None]

@@ -30,4 +30,6 @@ class WandaCriterion(ScoreCriterion):
     def score(self, stats: LayerStats | None, weights: tuple[Tensor, Tensor]) -> Tensor:
         w_q, w_k = map(as_float64, weights)
         input_norm = as_float64(stats.input_sq).sqrt()  # [hidden]
-        return (w_q.abs() + w_k.abs()) @ input_norm
+        # A family with several keys per token (DeltaProduct) gives a channel's k rows side by side: [.., n * hidden]
+        keys_per_token = w_k.shape[-1] // w_q.shape[-1]
+        return w_q.abs() @ input_norm + w_k.abs() @ input_norm.repeat(keys_per_token)
