@@ -1,12 +1,14 @@
 """Check staterank's PyTorch backend against flash-linear-attention's Triton kernels (needs a CUDA GPU).
 
-The same randomly initialised DeltaNet and Gated DeltaNet models (and the bundled models, when
-given) run once on the GPU, where fla's Triton kernels compute them in bfloat16 (fla's chunk
-kernels refuse float32), and once on the CPU, where staterank's backend computes them in float32,
-with the same (bf16-rounded) weights. Reports the largest and the relative logit difference, the
-relative difference of the cached recurrent states, and of the gradients w.r.t. the weights.
+The same randomly initialised model of every family with a linear-attention kernel of its own (fla's
+DeltaNet, Gated DeltaNet, KDA and Gated DeltaProduct; transformers' Kimi Linear and OLMo Hybrid, which
+call fla's KDA and gated-delta-rule kernels on the GPU), and the bundled models when given, run once on
+the GPU, where fla's Triton kernels compute them in bfloat16 (fla's chunk kernels refuse float32), and
+once on the CPU, where staterank's backend computes them in float32, with the same (bf16-rounded)
+weights. Reports the largest and the relative logit difference, the relative difference of the cached
+recurrent states (read through each family's adapter), and of the gradients w.r.t. the weights.
 
-    python benchmarks/backend_vs_triton.py [--models tiny-deltanet tiny-gated-deltanet] [--out FILE]
+    python benchmarks/backend_vs_triton.py [--families kda kimi_linear ...] [--models tiny-deltanet] [--out FILE]
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import json
 import sys
 
 import torch
+
+from staterank.models import adapter_for
 
 
 def compare(name: str, model, vocab_size: int, batch: int, seq_len: int, backward: bool) -> dict:
@@ -32,7 +36,9 @@ def compare(name: str, model, vocab_size: int, batch: int, seq_len: int, backwar
         logits = out.logits.float()
         # the loss from the logits here: fla's fused criterion overwrites its logits with gradients on the GPU
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten().to(device))
-        states = [layer["recurrent_state"].detach().float().cpu() for layer in out.past_key_values]
+        adapter = adapter_for(model)
+        cache = out.past_key_values
+        states = [adapter.cached_state(cache, layer).detach().float().cpu() for layer in adapter.linear_layers()]
         grads = None
         if backward:
             try:
@@ -66,8 +72,45 @@ def compare(name: str, model, vocab_size: int, batch: int, seq_len: int, backwar
     }
 
 
+def random_configs() -> dict:
+    """One small random config per family (hidden 512, 4 layers, d_k 128), keyed by 'model_type, description'."""
+    from fla.models import DeltaNetConfig, GatedDeltaNetConfig, GatedDeltaProductConfig, KDAConfig
+    from transformers import KimiLinearConfig, OlmoHybridConfig
+
+    small = dict(hidden_size=512, num_hidden_layers=4, vocab_size=4096)
+    hybrid_layers = ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
+    return {
+        "delta_net, h512, 4 layers, 8 heads": lambda: DeltaNetConfig(**small, num_heads=8, use_gate=True),
+        "gated_deltanet, h512, 4 layers, 2k x 4v heads": lambda: GatedDeltaNetConfig(
+            **small, num_heads=2, num_v_heads=4, head_dim=128, expand_v=1.0
+        ),
+        "kda, h512, 4 layers, 2k x 4v heads": lambda: KDAConfig(
+            **small, num_heads=2, num_v_heads=4, head_dim=128, expand_v=1.0
+        ),
+        "gated_deltaproduct, h512, 4 layers, 4 heads, 2 Householder steps, negative eigenvalues": lambda: (
+            GatedDeltaProductConfig(
+                **small, num_heads=4, head_dim=128, expand_v=1.0, num_householder=2, use_forget_gate=True,
+                allow_neg_eigval=True,
+            )
+        ),
+        "kimi_linear, h512, 3 KDA + 1 MLA, 4 heads, MoE 8 experts": lambda: KimiLinearConfig(
+            **small, intermediate_size=1024, moe_intermediate_size=256, num_experts=8, num_experts_per_token=2,
+            num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=128, qk_rope_head_dim=32,
+            qk_nope_head_dim=64, v_head_dim=64, linear_head_dim=128, linear_num_heads=4, layer_types=hybrid_layers,
+            pad_token_id=None, bos_token_id=None, eos_token_id=None,
+        ),
+        "olmo_hybrid, h512, 3 GDN + 1 attention, 2k x 4v heads, d_v 2 d_k": lambda: OlmoHybridConfig(
+            **small, intermediate_size=1024, num_attention_heads=4, linear_num_key_heads=2,
+            linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+            linear_allow_neg_eigval=True, pad_token_id=0, eos_token_id=1, layer_types=hybrid_layers,
+        ),
+    }  # fmt: skip
+
+
 def main() -> int:
+    families = ["delta_net", "gated_deltanet", "kda", "gated_deltaproduct", "kimi_linear", "olmo_hybrid"]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="*", default=families, choices=families, help="random models to check")
     parser.add_argument("--models", nargs="*", default=[], help="model directories or bundled names to check too")
     parser.add_argument("--seq-len", type=int, default=1000, help="not a multiple of the chunk size on purpose")
     parser.add_argument("--batch", type=int, default=2)
@@ -81,26 +124,13 @@ def main() -> int:
     from staterank.loading import load, prepare_runtime
 
     prepare_runtime("delta_net")
-    from fla.models import DeltaNetConfig, GatedDeltaNetConfig
     from transformers import AutoModelForCausalLM
 
-    configs = {
-        "random DeltaNet, h512, 4 layers, 8 heads": DeltaNetConfig(
-            hidden_size=512, num_hidden_layers=4, num_heads=8, vocab_size=4096, use_gate=True
-        ),
-        "random Gated DeltaNet, h512, 4 layers, 2k x 4v heads": GatedDeltaNetConfig(
-            hidden_size=512,
-            num_hidden_layers=4,
-            num_heads=2,
-            num_v_heads=4,
-            head_dim=128,
-            expand_v=1.0,
-            vocab_size=4096,
-        ),
-    }
+    configs = {name: build for name, build in random_configs().items() if name.split(",")[0] in args.families}
     results = []
-    for name, config in configs.items():
+    for name, build in configs.items():
         torch.manual_seed(0)
+        config = build()
         model = AutoModelForCausalLM.from_config(config)
         results.append(compare(name, model, config.vocab_size, args.batch, args.seq_len, args.backward))
         print(json.dumps(results[-1]), flush=True)
@@ -112,12 +142,12 @@ def main() -> int:
         print(json.dumps(results[-1]), flush=True)
 
     print(
-        f"\n{'model':<52} {'max |dlogit|':>12} {'max |logit|':>11} "
+        f"\n{'model':<60} {'max |dlogit|':>12} {'max |logit|':>11} "
         f"{'rel dlogit':>10} {'rel dstate':>10} {'rel dgrad':>10}"
     )
     for r in results:
         print(
-            f"{r['model']:<52} {r['max_abs_logit_diff']:>12.2e} {r['max_abs_logit']:>11.2f} "
+            f"{r['model'][:60]:<60} {r['max_abs_logit_diff']:>12.2e} {r['max_abs_logit']:>11.2f} "
             f"{r['relative_logit_diff']:>10.2e} {r['max_relative_state_diff']:>10.2e} "
             f"{'n/a' if r['max_relative_grad_diff'] is None else format(r['max_relative_grad_diff'], '.2e'):>10}"
         )

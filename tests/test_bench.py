@@ -50,6 +50,31 @@ def test_bench_refuses_different_vocabularies(tmp_path, capsys):
     assert "different vocabularies" in capsys.readouterr().err
 
 
+def test_sequential_bench_loads_each_model_after_the_last_is_freed(tmp_path):
+    import gc
+    import weakref
+
+    from staterank.bench import bench
+    from staterank.loading import load
+
+    alive: list[weakref.ref] = []
+
+    def loader():
+        assert all(ref() is None for ref in alive), "the previous model is still held"
+        loaded = load("tiny-deltanet", device="cpu", dtype=torch.float32)
+        alive.append(weakref.ref(loaded.model))
+        return loaded
+
+    gc.collect()
+    result = bench([loader, loader], ["a", "b"], batch_size=1, seq_len=16, decode_batch_sizes=(1,), decode_steps=2,
+                   warmup=0, repeats=1, sequential=True)  # fmt: skip
+    gc.collect()
+    assert len(alive) == 2 and alive[0]() is None
+    assert result["interleaved"] is False and [row["name"] for row in result["models"]] == ["a", "b"]
+    assert result["models"][0]["state_bytes_per_seq"] == result["models"][1]["state_bytes_per_seq"]
+    assert result["speedup"]["b"]["state_bytes"] == 1.0
+
+
 def test_bench_api_on_a_loaded_model_directory(tmp_path):
     torch.manual_seed(0)
     result = api.bench(["tiny-deltanet"], batch_size=1, seq_len=16, decode_batch_sizes=(1,), decode_steps=2,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from staterank.backends import chunk_delta_rule_torch
-from staterank.backends.delta_product import chunk_gated_delta_product, chunk_gated_delta_product_torch
+from staterank.backends.delta_product import chunk_gated_delta_product
 from staterank.cli import main
 from staterank.data import read_documents
 from staterank.loading import prepare_runtime
@@ -68,9 +68,7 @@ def test_backend_equals_fla_naive_reference(n, gated):
         *(x.float() for x in (q, k, v)), None if g is None else g.float(), beta.float(), scale=8**-0.5,
         initial_state=h0.float().clone(), output_final_state=True, num_householder=n,
     )  # fmt: skip
-    o, h = chunk_gated_delta_product_torch(
-        q, k, v, beta, g, n, initial_state=h0, output_final_state=True, use_qk_l2norm=False, chunk_size=16
-    )
+    o, h = chunk_gated_delta_product(q, k, v, g, beta, n, initial_state=h0, output_final_state=True)
     assert o.dtype == h.dtype == torch.float64
     torch.testing.assert_close(o, expected_o.double(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h, expected_h.double(), rtol=1e-4, atol=1e-4)

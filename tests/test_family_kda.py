@@ -18,8 +18,8 @@ from fla.ops.kda.gate import naive_kda_gate, naive_kda_lowerbound_gate
 from fla.ops.kda.naive import naive_chunk_kda, naive_recurrent_kda
 from transformers import AutoModelForCausalLM, KimiLinearConfig
 
-from staterank.backends.delta_rule import l2_norm
-from staterank.backends.kda import chunk_kda, chunk_kda_torch, fused_recurrent_kda, kda_log_decay, kda_step_torch
+from staterank.backends.delta_rule import chunk_delta_rule_torch, delta_rule_step_torch, l2_norm
+from staterank.backends.kda import chunk_kda, fused_recurrent_kda, kda_log_decay
 from staterank.cli import main
 from staterank.data import read_documents
 from staterank.loading import prepare_runtime
@@ -72,7 +72,7 @@ def kda_inputs(batch=2, seq=45, heads=2, group=2, d_k=16, d_v=12, seed=0):
 @pytest.mark.parametrize("chunk_size", [1, 8, 32])
 def test_chunked_kda_equals_the_recurrence_with_an_initial_state(chunk_size):
     x = kda_inputs()
-    o, state = chunk_kda_torch(x["q"], x["k"], x["v"], x["beta"], x["g"], x["h0"], True, chunk_size=chunk_size)
+    o, state = chunk_delta_rule_torch(x["q"], x["k"], x["v"], x["beta"], x["g"], x["h0"], True, chunk_size=chunk_size)
     assert o.dtype == state.dtype == torch.float64
     qn, kn = l2_norm(x["q"]), l2_norm(x["k"])
     o_ref, state_ref = recurrent_kda_float64(qn, kn, x["v"], x["g"], x["beta"], x["h0"])
@@ -90,7 +90,7 @@ def test_chunked_kda_equals_the_recurrence_with_an_initial_state(chunk_size):
         l2_norm(cut["q"]), l2_norm(cut["k"]), cut["v"], cut["g"], cut["beta"], initial_state=cut["h0"],
         output_final_state=True, chunk_size=16,
     )  # fmt: skip
-    o, state = chunk_kda_torch(
+    o, state = chunk_delta_rule_torch(
         cut["q"], cut["k"], cut["v"], cut["beta"], cut["g"], cut["h0"], True, chunk_size=chunk_size
     )
     torch.testing.assert_close(o, o_chunk.double(), rtol=1e-5, atol=1e-5)
@@ -100,7 +100,7 @@ def test_chunked_kda_equals_the_recurrence_with_an_initial_state(chunk_size):
 def test_strong_decays_do_not_overflow():
     x = kda_inputs(seq=64)
     g = x["g"] * 200  # exp(g) underflows to 0 within a chunk; the pairwise ratios must not overflow
-    o, state = chunk_kda_torch(x["q"], x["k"], x["v"], x["beta"], g, x["h0"], True, chunk_size=32)
+    o, state = chunk_delta_rule_torch(x["q"], x["k"], x["v"], x["beta"], g, x["h0"], True, chunk_size=32)
     o_ref, state_ref = recurrent_kda_float64(l2_norm(x["q"]), l2_norm(x["k"]), x["v"], g, x["beta"], x["h0"])
     assert torch.isfinite(o).all()
     torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
@@ -135,7 +135,7 @@ def test_one_step_and_packed_sequences():
     x = kda_inputs(batch=1, seq=9)
     q, k = l2_norm(x["q"]), l2_norm(x["k"])
     o_ref, state_ref = recurrent_kda_float64(q, k, x["v"], x["g"], x["beta"], x["h0"])
-    o, state = kda_step_torch(x["q"][:, 0], x["k"][:, 0], x["v"][:, 0], x["beta"][:, 0], x["g"][:, 0], x["h0"])
+    o, state = delta_rule_step_torch(x["q"][:, 0], x["k"][:, 0], x["v"][:, 0], x["beta"][:, 0], x["g"][:, 0], x["h0"])
     torch.testing.assert_close(o, o_ref[:, 0], rtol=1e-10, atol=1e-10)
     # two sequences packed into one row, each from its own initial state
     packed = {name: value for name, value in x.items() if name != "h0"}

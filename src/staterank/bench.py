@@ -2,7 +2,8 @@
 
 All models run in one process on the same inputs; repeats are interleaved (model A, model B, A, B,
 ...) so drifting clocks and caches hit every model alike; medians and spreads are reported with the
-ratios to the first model.
+ratios to the first model. Models too large to share the device are measured one after another
+(``sequential``), each loaded and freed in turn.
 
 Decoding is timed twice. Eager: one forward per generated token through the model's cache; on a GPU
 this is launch-bound (thousands of small kernels per token), which hides the effect of a smaller
@@ -14,6 +15,7 @@ read and written, over the device's measured copy bandwidth.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -174,7 +176,7 @@ def _graph_decoders(models: list[LoadedModel], prompt: torch.Tensor) -> tuple[li
 
 
 def bench(
-    models: list[LoadedModel],
+    models: list[LoadedModel | Callable[[], LoadedModel]],
     names: list[str],
     batch_size: int = 8,
     seq_len: int = 2048,
@@ -184,18 +186,101 @@ def bench(
     repeats: int = 5,
     memory_budget_bytes: int | None = None,
     seed: int = 0,
+    sequential: bool = False,
 ) -> dict:
-    """Measure every model on the same random token ids; return the JSON of DESIGN.md section 6."""
+    """Measure every model on the same random token ids; return the JSON of DESIGN.md section 6.
+
+    ``models`` are loaded models, or functions that load one. With ``sequential``, for models that do not fit
+    the device together, each is loaded, measured and freed in turn, so its repeats are not interleaved with
+    the others' (the result says ``"interleaved": false``).
+    """
     if not models:
         raise BenchError("give at least one model")
-    vocab_sizes = {m.model.config.vocab_size for m in models}
-    if len(vocab_sizes) > 1:
-        raise BenchError(f"models with different vocabularies ({sorted(vocab_sizes)}) cannot share inputs")
-    device = next(models[0].model.parameters()).device
+    groups = [[m] for m in models] if sequential else [models]
+    names_of = [[n] for n in names] if sequential else [names]
+    rows: list[dict] = []
+    graphs_unavailable = None
+    inputs = None
+    for group, group_names in zip(groups, names_of, strict=True):
+        loaded = [m() if callable(m) else m for m in group]
+        vocab_sizes = {m.model.config.vocab_size for m in loaded} | ({inputs["vocab_size"]} if inputs else set())
+        if len(vocab_sizes) > 1:
+            raise BenchError(f"models with different vocabularies ({sorted(vocab_sizes)}) cannot share inputs")
+        if inputs is None:
+            inputs = _inputs(loaded[0], batch_size, seq_len, decode_batch_sizes, seed)
+        group_rows, unavailable = _measure(
+            loaded, group_names, inputs, decode_steps, warmup, repeats, memory_budget_bytes
+        )
+        rows += group_rows
+        graphs_unavailable = graphs_unavailable or unavailable
+        device, dtype = inputs["device"], str(next(loaded[0].model.parameters()).dtype).removeprefix("torch.")
+        del loaded, group
+        if sequential and device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    first = rows[0]
+    speedup = {
+        row["name"]: {
+            "prefill": row["prefill_tokens_per_s"] / first["prefill_tokens_per_s"],
+            "decode": {
+                b: first["decode_ms_per_token"][b] / row["decode_ms_per_token"][b] for b in row["decode_ms_per_token"]
+            },
+            "decode_graph": {
+                b: first["decode_graph_ms_per_token"][b] / row["decode_graph_ms_per_token"][b]
+                for b in row["decode_graph_ms_per_token"]
+            }
+            if row["decode_graph_ms_per_token"] and first["decode_graph_ms_per_token"]
+            else None,
+            "state_bytes": first["state_bytes_per_seq"] / row["state_bytes_per_seq"],
+        }
+        for row in rows[1:]
+    }
+    graphed_all = all(row["decode_graph_ms_per_token"] is not None for row in rows)
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "decode_steps": decode_steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "interleaved": not sequential or len(models) == 1,
+        "decode_modes": ["eager", "graph"] if graphed_all and decode_batch_sizes else ["eager"],
+        "decode_graph_unavailable": graphs_unavailable,
+        "bandwidth_bytes_per_s": inputs["bandwidth"],
+        "models": rows,
+        "speedup": speedup,
+    }
+
+
+def _inputs(loaded: LoadedModel, batch_size: int, seq_len: int, decode_batch_sizes, seed: int) -> dict:
+    """The token ids every model sees (from the first model's vocabulary), and the device's copy bandwidth."""
+    device = next(loaded.model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    vocab = vocab_sizes.pop()
-    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(device)
-    prompts = {b: torch.randint(0, vocab, (b, 16), generator=generator).to(device) for b in decode_batch_sizes}
+    vocab = loaded.model.config.vocab_size
+    return {
+        "device": device,
+        "vocab_size": vocab,
+        "ids": torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(device),
+        "prompts": {b: torch.randint(0, vocab, (b, 16), generator=generator).to(device) for b in decode_batch_sizes},
+        "bandwidth": measure_bandwidth_bytes_per_s(device, 2**30 if device.type == "cuda" else 2**27),
+    }
+
+
+def _measure(
+    models: list[LoadedModel],
+    names: list[str],
+    inputs: dict,
+    decode_steps: int,
+    warmup: int,
+    repeats: int,
+    memory_budget_bytes: int | None,
+) -> tuple[list[dict], str | None]:
+    """One row per model (repeats interleaved across ``models``), and why graphed decoding did not run, if not."""
+    device, ids, prompts = inputs["device"], inputs["ids"], inputs["prompts"]
+    batch_size, seq_len = ids.shape
+    decode_batch_sizes = tuple(prompts)
     if memory_budget_bytes is not None:
         _check_batches_fit(models, names, decode_batch_sizes, memory_budget_bytes, "the memory budget")
     if device.type == "cuda":
@@ -233,7 +318,6 @@ def bench(
                     graphed[(i, b)].append(seconds)
         del decoders
     graphs_ran = bool(decode_batch_sizes) and graphs_unavailable is None
-    bandwidth = measure_bandwidth_bytes_per_s(device, 2**30 if device.type == "cuda" else 2**27)
     rows = []
     for i, (loaded, name) in enumerate(zip(models, names, strict=True)):
         prefill_time = Timing.of(prefill[i])
@@ -262,40 +346,8 @@ def bench(
                 row["decode_graph_ms_per_token"][str(b)] = 1000 * timing.median / decode_steps
                 row["decode_graph_spread"][str(b)] = timing.spread
             bound_bytes = decode_bytes_per_step(loaded.model, state_bytes, b)
-            row["decode_bound_ms_per_token"][str(b)] = 1000 * bound_bytes / bandwidth
+            row["decode_bound_ms_per_token"][str(b)] = 1000 * bound_bytes / inputs["bandwidth"]
         if memory_budget_bytes is not None:
             row["max_batch_in_budget"] = largest_batch(memory_budget_bytes, weights, state_bytes)
         rows.append(row)
-
-    graphed_any = rows[0]["decode_graph_ms_per_token"] is not None
-    first = rows[0]
-    speedup = {
-        row["name"]: {
-            "prefill": row["prefill_tokens_per_s"] / first["prefill_tokens_per_s"],
-            "decode": {
-                b: first["decode_ms_per_token"][b] / row["decode_ms_per_token"][b] for b in row["decode_ms_per_token"]
-            },
-            "decode_graph": {
-                b: first["decode_graph_ms_per_token"][b] / row["decode_graph_ms_per_token"][b]
-                for b in row["decode_graph_ms_per_token"]
-            }
-            if row["decode_graph_ms_per_token"]
-            else None,
-            "state_bytes": first["state_bytes_per_seq"] / row["state_bytes_per_seq"],
-        }
-        for row in rows[1:]
-    }
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(next(models[0].model.parameters()).dtype).removeprefix("torch."),
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "decode_steps": decode_steps,
-        "warmup": warmup,
-        "repeats": repeats,
-        "decode_modes": ["eager", "graph"] if graphed_any else ["eager"],
-        "decode_graph_unavailable": graphs_unavailable,
-        "bandwidth_bytes_per_s": bandwidth,
-        "models": rows,
-        "speedup": speedup,
-    }
+    return rows, graphs_unavailable

@@ -256,6 +256,8 @@ def _cmd_bench(args) -> int:
     print(f"{result['device']}, {result['dtype']}, prefill {result['batch_size']} x {result['seq_len']}")
     if sizes and not graphed:
         print(f"decode: eager only ({result['decode_graph_unavailable']})")
+    if not result["interleaved"]:
+        print("one model at a time (--sequential): repeats not interleaved across models")
     print(f"{'model':<40} {'prefill tok/s':>14} {'state B/seq':>12}")
     for row in result["models"]:
         print(f"{row['name'][-40:]:<40} {row['prefill_tokens_per_s']:>14,.0f} {row['state_bytes_per_seq']:>12,}")

@@ -3,6 +3,7 @@ saving a model. :mod:`staterank.api` is their public face, beside train, finetun
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -350,10 +351,13 @@ def bench(
     torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         opts.dtype
     ]
-    loaded = [
-        _from_config(m, device, torch_dtype) if from_config else load_model(m, device=device, dtype=torch_dtype)
+    loaders = [
+        functools.partial(_from_config, m, device, torch_dtype)
+        if from_config
+        else functools.partial(load_model, m, device=device, dtype=torch_dtype)
         for m in models
     ]
+    loaded = loaders if opts.sequential else [load() for load in loaders]
     budget = int(opts.memory_budget_gib * 2**30) if opts.memory_budget_gib is not None else None
     try:
         result = run_bench(
@@ -367,6 +371,7 @@ def bench(
             repeats=opts.repeats,
             memory_budget_bytes=budget,
             seed=opts.seed,
+            sequential=opts.sequential,
         )
     except torch.OutOfMemoryError:
         raise BenchError(

@@ -360,6 +360,9 @@ class BenchOptions(Common):
     memory_budget_gib: float | None = option(
         None, "report the largest batch whose states fit beside the weights", positive_float
     )
+    sequential: bool = option(
+        False, "load, measure and free one model at a time (models too large to share the device; not interleaved)"
+    )
     overwrite: bool = option(False, "replace an existing --out")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available)", parse=device)
 

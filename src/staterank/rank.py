@@ -20,7 +20,6 @@ import scipy.stats
 import torch
 
 from staterank.backends import chunk_delta_rule_torch
-from staterank.backends.kda import chunk_kda_torch
 from staterank.models import HeadFeatures
 
 
@@ -59,9 +58,8 @@ def states_at(
 
     The sequence is cut at the requested positions and each segment runs through the chunked delta
     rule with the previous segment's final state as its initial state, so the cost is that of one
-    pass over the sequence plus one extra (partial) chunk per position. A per-channel decay runs through
-    the KDA form of the chunked rule (:func:`staterank.backends.kda.chunk_kda_torch`); a scalar one, or
-    none, through the cheaper scalar form.
+    pass over the sequence plus one extra (partial) chunk per position. A per-channel decay (KDA) runs in
+    chunks of at most 32, whose pairwise per-channel ratios stay small.
     """
     seq_len = features.q.shape[1]
     positions = _checked_positions(positions, seq_len)
@@ -71,27 +69,20 @@ def states_at(
         q = k
     log_decay = None if features.log_decay is None else features.log_decay.to(dtype)
 
-    per_channel = log_decay is not None and log_decay.ndim == 4  # [B, T, Hv, d_k]
+    if log_decay is not None and log_decay.ndim == 4:  # per key channel: [B, T, Hv, d_k]
+        chunk_size = min(chunk_size, 32)
     states = []
     state = None
     start = 0
     for end in positions:
         segment = slice(start * steps, end * steps)
-        # A short segment needs no padding up to a full chunk.
-        segment_chunk = min(chunk_size, (end - start) * steps)
-        if per_channel:
-            _, state = chunk_kda_torch(
-                q[:, segment], k[:, segment], v[:, segment], beta[:, segment], log_decay[:, segment],
-                initial_state=state, output_final_state=True, chunk_size=min(segment_chunk, 32),
-            )
-        else:
-            _, state = chunk_delta_rule_torch(
-                q[:, segment], k[:, segment], v[:, segment], beta[:, segment],
-                None if log_decay is None else log_decay[:, segment],
-                initial_state=state,
-                output_final_state=True,
-                chunk_size=segment_chunk,
-            )
+        _, state = chunk_delta_rule_torch(
+            q[:, segment], k[:, segment], v[:, segment], beta[:, segment],
+            None if log_decay is None else log_decay[:, segment],
+            initial_state=state,
+            output_final_state=True,
+            chunk_size=min(chunk_size, (end - start) * steps),  # a short segment needs no padding to a full chunk
+        )
         states.append(state)
         start = end
     return torch.stack(states)

@@ -6,12 +6,12 @@ CPU tensors, while CUDA tensors keep going through fla's Triton kernels.
 
 The reference math is public so that other code can reproduce layer states outside the model:
 :func:`chunk_delta_rule_torch` (whole sequences), :func:`delta_rule_step_torch` (one token),
-:func:`gdn_log_decay` (Gated DeltaNet's ``g`` from ``a_proj``, ``A_log``, ``dt_bias``), :func:`l2_norm` and
-:func:`chunk_gated_delta_product_torch` (Gated DeltaProduct: several delta steps per token).
+:func:`gdn_log_decay` (Gated DeltaNet's ``g`` from ``a_proj``, ``A_log``, ``dt_bias``) and :func:`l2_norm`; a
+per-key-channel ``g`` gives Kimi Delta Attention, and Gated DeltaProduct is the rule over its expanded steps
+(:mod:`staterank.backends.delta_product`).
 """
 
 from staterank.backends.conv import causal_conv1d, causal_conv1d_update
-from staterank.backends.delta_product import chunk_gated_delta_product_torch
 from staterank.backends.delta_rule import (
     chunk_delta_rule_torch,
     delta_rule_step_torch,
@@ -25,7 +25,6 @@ __all__ = [
     'causal_conv1d',
     'causal_conv1d_update',
     'chunk_delta_rule_torch',
-    'chunk_gated_delta_product_torch',
     'delta_rule_step_torch',
     'gdn_log_decay',
     'install',

@@ -10,15 +10,15 @@ DeltaProduct takes ``n = num_householder`` delta steps per token. Per value head
 which is the plain (gated) delta rule over the expanded sequence of ``T * n`` steps, token-major
 (``(t n)``, fla's layout of ``k``, ``v``, ``beta``), with the log decay ``g_t`` on each token's first step
 and 0 on the others, and the output of each token's last step. :func:`expand_householder_steps` builds that
-sequence; :func:`chunk_gated_delta_product_torch` runs it through
-:func:`~staterank.backends.delta_rule.chunk_delta_rule_torch` (exactly fla's ``chunk_gated_delta_product_ref``).
+sequence; :func:`chunk_gated_delta_product` runs it through the CPU gated delta rule (exactly fla's
+``chunk_gated_delta_product_ref``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from staterank.backends.delta_rule import chunk_delta_rule_torch, fused_recurrent_gated_delta_rule
+from staterank.backends.delta_rule import fused_recurrent_gated_delta_rule
 
 
 def expand_householder_steps(
@@ -39,49 +39,6 @@ def expand_householder_steps(
         steps[:, :, 0] = g
         g = steps.flatten(1, 2)
     return q, g
-
-
-def chunk_gated_delta_product_torch(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    beta: torch.Tensor,
-    g: torch.Tensor | None = None,
-    num_householder: int = 1,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
-    chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gated DeltaProduct over whole sequences.
-
-    Args:
-        q: queries ``[B, T, H, K]`` (one per token).
-        k: keys ``[B, T * n, H, K]``, token-major: step ``t * n + j`` is token t's key j.
-        v: values ``[B, T * n, HV, V]`` (``HV`` a multiple of ``H``, grouped as in the delta rule).
-        beta: write strengths ``[B, T * n, HV]``.
-        g: log decays ``[B, T, HV]`` (one per token, <= 0), or ``None``.
-        num_householder: ``n``, the delta steps per token.
-        initial_state: ``[B, HV, K, V]`` or ``None`` (zeros).
-        output_final_state: whether to return the state after the last token.
-        scale: query scale, default ``K ** -0.5``.
-        use_qk_l2norm: L2-normalise q and every key first (fla's ``use_qk_l2norm_in_kernel=True``).
-        chunk_size: steps per chunk of the chunked delta rule.
-
-    Returns:
-        ``o`` ``[B, T, HV, V]`` and the final state ``[B, HV, K, V]`` (or ``None``), in float32 (float64 for
-        float64 inputs).
-    """
-    B, T = q.shape[:2]
-    n = num_householder
-    if k.shape[1] != T * n or v.shape[1] != T * n or beta.shape[1] != T * n:
-        raise ValueError(f"k, v and beta need T * num_householder = {T * n} steps, got {k.shape[1]}, {v.shape[1]}")
-    q_steps, g_steps = expand_householder_steps(n, q, g)
-    o, final_state = chunk_delta_rule_torch(
-        q_steps, k, v, beta, g_steps, initial_state, output_final_state, scale, use_qk_l2norm, chunk_size
-    )
-    return o.unflatten(1, (T, n))[:, :, -1], final_state
 
 
 def chunk_gated_delta_product(

@@ -92,6 +92,31 @@ class HeadFeatures:
     # scaled by exp(g_t[c]), S_t = diag(exp(g_t)) S_{t-1} before the delta update; None: no decay
     log_decay: torch.Tensor | None
 
+    @classmethod
+    def from_projections(
+        cls,
+        layer: int,
+        hidden: torch.Tensor,
+        shape: LayerShape,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        beta: torch.Tensor,
+        log_decay: torch.Tensor | None,
+    ) -> HeadFeatures:
+        """Features from q, k ``[B, T, Hk * d_k]`` and v ``[B, T, Hv * d_v]`` as the layer's projections give
+        them, split into heads; ``[B, T * n, ...]`` for n delta steps per token (Gated DeltaProduct)."""
+        batch = hidden.shape[0]
+        return cls(
+            layer,
+            hidden,
+            q.reshape(batch, -1, shape.num_k_heads, shape.head_k_dim),
+            k.reshape(batch, -1, shape.num_k_heads, shape.head_k_dim),
+            v.reshape(batch, -1, shape.num_v_heads, shape.head_v_dim),
+            beta,
+            log_decay,
+        )
+
 
 FeatureCallback = Callable[[HeadFeatures], None]
 
@@ -352,9 +377,12 @@ class ModelAdapter(ABC):
     def _set_head_k_dim(self, head_k_dim: int) -> None:
         """Update the config (and the modules' cached sizes) to a new key-head dim."""
 
-    @abstractmethod
     def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
-        """Update the config (and the modules' cached sizes) to new head counts."""
+        """Update the config (and the modules' cached sizes) to new head counts: by default, write
+        :meth:`head_count_fields` into the config that holds them (the text config of multimodal configs)."""
+        config = self.config.get_text_config(decoder=True)
+        for name, value in self.head_count_fields(num_k_heads, num_v_heads).items():
+            setattr(config, name, value)
 
     # --- loading and serving (for model cards: class-level, they describe a checkpoint's model_type) -----------
 

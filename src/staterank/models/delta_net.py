@@ -57,8 +57,7 @@ class DeltaNetAdapter(FlaAdapter):
         }
 
     def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
-        for name, value in self.head_count_fields(num_k_heads, num_v_heads).items():
-            setattr(self.config, name, value)
+        super()._set_head_counts(num_k_heads, num_v_heads)
         for layer in self.linear_layers():
             mixer = self.mixer(layer)
             mixer.expand_k, mixer.expand_v = self.config.expand_k, self.config.expand_v

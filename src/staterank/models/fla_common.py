@@ -100,15 +100,7 @@ class FlaAdapter(ModelAdapter):
             beta = hidden.new_ones(batch, seq, shape.num_v_heads, dtype=torch.float32)
         if mixer.allow_neg_eigval:
             beta = beta * 2  # eigenvalues of (I - beta k k^T) in [-1, 1]
-        return HeadFeatures(
-            layer=layer,
-            hidden=hidden,
-            q=q.view(batch, seq, shape.num_k_heads, shape.head_k_dim),
-            k=k.view(batch, seq, shape.num_k_heads, shape.head_k_dim),
-            v=v.view(batch, seq, shape.num_v_heads, shape.head_v_dim),
-            beta=beta,
-            log_decay=self._log_decay(mixer, hidden),
-        )
+        return HeadFeatures.from_projections(layer, hidden, shape, q, k, v, beta, self._log_decay(mixer, hidden))
 
     def _qk_activation(self, mixer: nn.Module, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Any activation the family applies to q, k after the convolution (none by default)."""
@@ -194,6 +186,16 @@ class FlaAdapter(ModelAdapter):
             slice_linear_rows(mixer.g_proj, value_rows)
         slice_linear_columns(mixer.o_proj, value_rows)
         mixer.value_dim = mixer.head_v_dim * len(kept_v)
+
+    def _set_head_k_dim(self, head_k_dim: int) -> None:
+        # Gated DeltaNet, KDA, Gated DeltaProduct: head_dim is d_k and d_v is int(head_dim * expand_v), so keep d_v
+        # by adjusting expand_v (DeltaNet derives its head dims from expand_k instead).
+        head_v_dim = self.layer_shape(self.linear_layers()[0]).head_v_dim
+        self.config.head_dim = head_k_dim
+        self.config.expand_v = float_ratio(head_v_dim, head_k_dim)
+        for layer in self.linear_layers():
+            mixer = self.mixer(layer)
+            mixer.head_dim, mixer.expand_v = head_k_dim, self.config.expand_v
 
     @classmethod
     def load_import(cls, model_type: str) -> tuple[str, str]:

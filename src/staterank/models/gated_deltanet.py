@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from staterank.models import register
 from staterank.models.base import LayerShape, slice_linear_rows, slice_vector
-from staterank.models.fla_common import FlaAdapter, float_ratio
+from staterank.models.fla_common import FlaAdapter
 from staterank.models.per_layer import StaterankGatedDeltaNetConfig
 
 
@@ -44,18 +44,5 @@ class GatedDeltaNetAdapter(FlaAdapter):
         mixer.dt_bias = slice_vector(mixer.dt_bias, kept_v)
         mixer.num_heads, mixer.num_v_heads = len(kept_k), len(kept_v)
 
-    def _set_head_k_dim(self, head_k_dim: int) -> None:
-        # head_v_dim is derived as int(head_dim * expand_v): keep d_v by adjusting expand_v.
-        head_v_dim = self.layer_shape(self.linear_layers()[0]).head_v_dim
-        self.config.head_dim = head_k_dim
-        self.config.expand_v = float_ratio(head_v_dim, head_k_dim)
-        for layer in self.linear_layers():
-            mixer = self.mixer(layer)
-            mixer.head_dim, mixer.expand_v = head_k_dim, self.config.expand_v
-
     def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict[str, Any]:
         return {"num_heads": num_k_heads, "num_v_heads": num_v_heads}  # head_dim and expand_v keep d_k, d_v
-
-    def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
-        for name, value in self.head_count_fields(num_k_heads, num_v_heads).items():
-            setattr(self.config, name, value)

@@ -36,7 +36,7 @@ from staterank.models.base import (
     slice_linear_rows,
     slice_vector,
 )
-from staterank.models.fla_common import FlaAdapter, float_ratio
+from staterank.models.fla_common import FlaAdapter
 
 
 def householder_rows(rows: torch.Tensor, block_size: int, num_householder: int) -> torch.Tensor:
@@ -75,15 +75,8 @@ class GatedDeltaProductAdapter(FlaAdapter):
         if mixer.use_forget_gate:
             g = -mixer.A_log.float().exp() * F.softplus(mixer.a_proj(hidden).float() + mixer.dt_bias.float())
             _, log_decay = expand_householder_steps(n, g=g)  # [B, T * n, Hv]
-        return HeadFeatures(
-            layer=layer,
-            hidden=hidden,
-            q=q.reshape(batch, seq, shape.num_k_heads, shape.head_k_dim),
-            k=k.reshape(batch, seq * n, shape.num_k_heads, shape.head_k_dim),
-            v=v.reshape(batch, seq * n, shape.num_v_heads, shape.head_v_dim),
-            beta=beta.reshape(batch, seq * n, shape.num_v_heads),
-            log_decay=log_decay,
-        )
+        beta = beta.reshape(batch, seq * n, shape.num_v_heads)
+        return HeadFeatures.from_projections(layer, hidden, shape, q, k, v, beta, log_decay)
 
     def _qk_rows(self, layer: int, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """q rows [Hk, d_k, hidden] (a view) and k rows [Hk, d_k, n * hidden]: a channel's rows of all n keys side
@@ -140,20 +133,7 @@ class GatedDeltaProductAdapter(FlaAdapter):
         mixer.key_dim = mixer.head_k_dim * len(kept_k)
         mixer.value_dim = mixer.head_v_dim * len(kept_v)
 
-    def _set_head_k_dim(self, head_k_dim: int) -> None:
-        # head_v_dim is derived as int(head_dim * expand_v): keep d_v by adjusting expand_v.
-        head_v_dim = self.layer_shape(self.linear_layers()[0]).head_v_dim
-        self.config.head_dim = head_k_dim
-        self.config.expand_v = float_ratio(head_v_dim, head_k_dim)
-        for layer in self.linear_layers():
-            mixer = self.mixer(layer)
-            mixer.head_dim, mixer.expand_v = head_k_dim, self.config.expand_v
-
     def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict[str, Any]:
         if num_v_heads != num_k_heads:  # the config has no num_v_heads: the layer builds one value head per key head
             raise PruningShapeError(f"{self.family} has one value head per key head, not {num_k_heads}, {num_v_heads}")
         return {"num_heads": num_k_heads}  # head_dim and expand_v keep d_k, d_v
-
-    def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
-        for name, value in self.head_count_fields(num_k_heads, num_v_heads).items():
-            setattr(self.config, name, value)

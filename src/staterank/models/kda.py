@@ -25,7 +25,7 @@ from staterank.models.base import (
     slice_linear_rows,
     slice_vector,
 )
-from staterank.models.fla_common import FlaAdapter, float_ratio
+from staterank.models.fla_common import FlaAdapter
 from staterank.models.kda_common import gate_channels, value_head_gate_channels
 
 
@@ -71,16 +71,5 @@ class KdaAdapter(FlaAdapter):
         mixer.value_dim = mixer.head_v_dim * len(kept_v)
         mixer.gate_dim = mixer.head_k_dim * len(kept_v)
 
-    def _set_head_k_dim(self, head_k_dim: int) -> None:
-        head_v_dim = self.layer_shape(self.linear_layers()[0]).head_v_dim
-        self.config.head_dim = head_k_dim
-        self.config.expand_v = float_ratio(head_v_dim, head_k_dim)
-        for layer in self.linear_layers():
-            self.mixer(layer).expand_v = self.config.expand_v
-
     def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict[str, Any]:
         return {"num_heads": num_k_heads, "num_v_heads": num_v_heads}
-
-    def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
-        for name, value in self.head_count_fields(num_k_heads, num_v_heads).items():
-            setattr(self.config, name, value)

@@ -193,20 +193,13 @@ class KimiLinearAdapter(ModelAdapter):
         from staterank.models import HeadFeatures
 
         mixer, shape = self.mixer(layer), self.layer_shape(layer)
-        batch, seq = hidden.shape[:2]
         mixed = torch.cat([mixer.q_proj(hidden), mixer.k_proj(hidden), mixer.v_proj(hidden)], dim=-1)
         mixed = ACT2FN[mixer.activation](causal_depthwise_conv(mixed, mixer.conv1d.weight, None, silu=False))
         key_dim = shape.num_k_heads * shape.head_k_dim
         q, k, v = mixed.split([key_dim, key_dim, shape.num_v_heads * shape.head_v_dim], dim=-1)
-        return HeadFeatures(
-            layer=layer,
-            hidden=hidden,
-            q=q.view(batch, seq, shape.num_k_heads, shape.head_k_dim),
-            k=k.view(batch, seq, shape.num_k_heads, shape.head_k_dim),
-            v=v.view(batch, seq, shape.num_v_heads, shape.head_v_dim),
-            beta=mixer.b_proj(hidden).float().sigmoid(),
-            log_decay=mixer.forget_gate(hidden),  # [B, T, H, d_k], float32
-        )
+        beta = mixer.b_proj(hidden).float().sigmoid()
+        log_decay = mixer.forget_gate(hidden)  # [B, T, H, d_k], float32
+        return HeadFeatures.from_projections(layer, hidden, shape, q, k, v, beta, log_decay)
 
     def cached_state(self, cache, layer: int) -> torch.Tensor:
         return cache.layers[layer].recurrent_states[0]  # [B, H, d_k, d_v]
@@ -259,9 +252,6 @@ class KimiLinearAdapter(ModelAdapter):
 
     def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict[str, Any]:
         return {"linear_num_heads": num_v_heads}
-
-    def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
-        self.config.linear_num_heads = num_v_heads
 
     def _set_head_k_dim(self, head_k_dim: int) -> None:
         if head_k_dim == getattr(self.config, "linear_key_head_dim", self.config.linear_head_dim):

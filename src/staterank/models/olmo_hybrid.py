@@ -26,10 +26,7 @@ from staterank.models import register
 from staterank.models.base import (
     HeadFeatures,
     LayerShape,
-    slice_conv_channels,
-    slice_linear_columns,
     slice_linear_rows,
-    slice_vector,
 )
 from staterank.models.qwen_common import QwenGatedDeltaNetAdapter, Selection
 
@@ -38,6 +35,7 @@ from staterank.models.qwen_common import QwenGatedDeltaNetAdapter, Selection
 class OlmoHybridAdapter(QwenGatedDeltaNetAdapter):
     family = "OLMo Hybrid (transformers)"
     model_types = ("olmo_hybrid",)
+    out_proj_name = "o_proj"
     # the linear-attention projections only: the attention blocks' self_attn has q_proj, k_proj, v_proj too
     lora_targets = ("linear_attn.q_proj", "linear_attn.k_proj", "linear_attn.v_proj")
 
@@ -68,22 +66,6 @@ class OlmoHybridAdapter(QwenGatedDeltaNetAdapter):
                 slice_linear_rows(projection, selection.value_rows)
             for projection in (mixer.b_proj, mixer.a_proj):
                 slice_linear_rows(projection, selection.value_head_index)
-
-    def _slice(self, layer: int, selection: Selection) -> None:
-        # Qwen's, with the output projection named o_proj
-        mixer = self.mixer(layer)
-        self._slice_projections(mixer, selection)
-        slice_conv_channels(mixer.conv1d, selection.conv_channels)
-        if not selection.keeps_value_heads:
-            slice_linear_columns(mixer.o_proj, selection.value_rows)
-            mixer.A_log = slice_vector(mixer.A_log, selection.value_head_index)
-            mixer.dt_bias = slice_vector(mixer.dt_bias, selection.value_head_index)
-        # the sizes the mixer's forward reads
-        mixer.num_k_heads, mixer.head_k_dim = selection.key_channels.shape
-        mixer.num_v_heads = selection.value_heads.numel()
-        mixer.key_dim = mixer.num_k_heads * mixer.head_k_dim
-        mixer.value_dim = mixer.num_v_heads * mixer.head_v_dim
-        mixer.conv_dim = 2 * mixer.key_dim + mixer.value_dim
 
     @classmethod
     def serving_notes(cls, model_type: str, shapes: list[LayerShape]) -> list[str]:

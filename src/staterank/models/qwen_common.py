@@ -102,6 +102,9 @@ class QwenGatedDeltaNetAdapter(ModelAdapter):
     # LinearAttentionLayer cache allocates zeros_like(state); the conv cache keeps the model dtype.
     state_dtype = torch.float32
 
+    #: the mixer's output projection (OLMo Hybrid's, built on this layout, is ``o_proj``)
+    out_proj_name = "out_proj"
+
     @property
     def text_config(self):
         """The config holding the linear-attention sizes (nested in multimodal configs)."""
@@ -153,22 +156,13 @@ class QwenGatedDeltaNetAdapter(ModelAdapter):
 
     def features(self, layer: int, hidden: torch.Tensor) -> HeadFeatures:
         mixer, shape = self.mixer(layer), self.layer_shape(layer)
-        batch, seq = hidden.shape[:2]
         qkv, b, a = self._project(mixer, hidden)
         qkv = causal_depthwise_conv(qkv, mixer.conv1d.weight, mixer.conv1d.bias, silu=False)
         q, k, v = ACT2FN[mixer.activation](qkv).split([mixer.key_dim, mixer.key_dim, mixer.value_dim], dim=-1)
         # as the mixer computes them: sigmoid in the model dtype, the decay in fp32
         beta = b.sigmoid().float()
         log_decay = -mixer.A_log.float().exp() * F.softplus(a.float() + mixer.dt_bias)
-        return HeadFeatures(
-            layer=layer,
-            hidden=hidden,
-            q=q.reshape(batch, seq, shape.num_k_heads, shape.head_k_dim),
-            k=k.reshape(batch, seq, shape.num_k_heads, shape.head_k_dim),
-            v=v.reshape(batch, seq, shape.num_v_heads, shape.head_v_dim),
-            beta=beta,
-            log_decay=log_decay,
-        )
+        return HeadFeatures.from_projections(layer, hidden, shape, q, k, v, beta, log_decay)
 
     # --- surgery --------------------------------------------------------------------------
 
@@ -187,7 +181,7 @@ class QwenGatedDeltaNetAdapter(ModelAdapter):
         self._slice_projections(mixer, selection)
         slice_conv_channels(mixer.conv1d, selection.conv_channels)
         if not selection.keeps_value_heads:
-            slice_linear_columns(mixer.out_proj, selection.value_rows)
+            slice_linear_columns(getattr(mixer, self.out_proj_name), selection.value_rows)
             mixer.A_log = slice_vector(mixer.A_log, selection.value_head_index)
             mixer.dt_bias = slice_vector(mixer.dt_bias, selection.value_head_index)
         # the sizes the mixer's forward reads
@@ -202,10 +196,6 @@ class QwenGatedDeltaNetAdapter(ModelAdapter):
 
     def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict[str, Any]:
         return {"linear_num_key_heads": num_k_heads, "linear_num_value_heads": num_v_heads}
-
-    def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
-        for name, value in self.head_count_fields(num_k_heads, num_v_heads).items():
-            setattr(self.text_config, name, value)
 
     # --- serving ------------------------------------------------------------------------------
 
