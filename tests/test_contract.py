@@ -105,6 +105,16 @@ AUTO_CLASSES = {"qwen3_5": AutoModelForImageTextToText, "qwen3_5_moe": AutoModel
 COVERED_ELSEWHERE: dict[str, str] = {}
 
 
+def families(**known_failures: str) -> list:
+    """FAMILIES as test parameters; ``family=reason`` marks a known failure (strict: the fix shows as a pass)."""
+    return [
+        pytest.param(family, marks=pytest.mark.xfail(strict=True, reason=known_failures[family]))
+        if family in known_failures
+        else family
+        for family in FAMILIES
+    ]
+
+
 def per_layer_heads(config_class, base, layer_heads: dict[str, list[int]]):
     """A ``staterank_*`` config: the fields of ``base`` (at the largest head count) and the heads of every layer."""
     fields = {key: value for key, value in base.to_dict().items() if key != "model_type"}
