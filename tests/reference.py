@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import torch
+from transformers import AutoModelForCausalLM
 
 from staterank.models import HeadFeatures
 
@@ -93,3 +97,57 @@ def tapped(adapter, ids: torch.Tensor) -> dict[int, HeadFeatures]:
     with adapter.tap(lambda f: features.__setitem__(f.layer, f)):
         adapter.model(input_ids=ids)
     return features
+
+
+@torch.no_grad()
+def cached_state_bytes(model, ids: torch.Tensor) -> int:
+    """Bytes of the conv and recurrent states a transformers cache holds after the first sequence of ``ids``."""
+    from staterank.models import adapter_for
+
+    cache = model(input_ids=ids[:1], use_cache=True).past_key_values
+    layers = adapter_for(model).linear_layers()
+    return sum(cache.layers[i].conv_states[0].nbytes + cache.layers[i].recurrent_states[0].nbytes for i in layers)
+
+
+def reload_and_compare(out, in_memory, ids: torch.Tensor) -> torch.nn.Module:
+    """A written model loaded by stock transformers, checked against the model pruned in memory: logits, shapes."""
+    from staterank.models import adapter_for
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits(reloaded, ids), logits(in_memory, ids), rtol=0, atol=1e-5)
+    assert adapter_for(reloaded).shapes() == adapter_for(in_memory).shapes()
+    return reloaded
+
+
+@contextlib.contextmanager
+def kernel_fed_kept_channels(adapter, index: torch.Tensor):
+    """transformers' chunked gated delta rule fed only the q/k channels ``index`` [Hk, d'] of every head (the same
+    in every layer): what a model pruned to those channels must compute."""
+    module = sys.modules[type(adapter.mixer(adapter.linear_layers()[0])).__module__]
+    chunk = module.torch_chunk_gated_delta_rule
+
+    def indexing_kernel(query, key, *args, **kwargs):
+        gather = index.expand(*query.shape[:2], *index.shape)
+        return chunk(query.gather(-1, gather), key.gather(-1, gather), *args, **kwargs)
+
+    module.torch_chunk_gated_delta_rule = indexing_kernel
+    try:
+        yield
+    finally:
+        module.torch_chunk_gated_delta_rule = chunk
+
+
+def randomise_linear_attention(adapter) -> None:
+    """Weights that make every part of transformers' Gated DeltaNet mixers matter (the default init leaves them
+    nearly silent)."""
+    for layer in adapter.linear_layers():
+        mixer = adapter.mixer(layer)
+        for module in mixer.modules():
+            if isinstance(module, torch.nn.Linear):
+                torch.nn.init.normal_(module.weight, std=module.in_features**-0.5)
+        torch.nn.init.normal_(mixer.conv1d.weight, std=0.5)
+        mixer.A_log.data = torch.empty_like(mixer.A_log).uniform_(0.05, 1.0).log()
+        torch.nn.init.normal_(mixer.dt_bias)
+        norm = mixer.norm if hasattr(mixer, "norm") else mixer.o_norm  # OLMo Hybrid's is o_norm
+        torch.nn.init.normal_(norm.weight, mean=1.0, std=0.2)

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from reference import delta_rule_loop, logits, tapped
+from reference import delta_rule_loop, kernel_fed_kept_channels, logits, randomise_linear_attention, tapped
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
@@ -55,19 +55,6 @@ CONFIGS = {
     "qwen3_5_moe_text": lambda: Qwen3_5MoeTextConfig(**TEXT, **MOE),
 }
 LINEAR = [0, 2, 3]
-
-
-def randomise_linear_attention(adapter: ModelAdapter) -> None:
-    """Weights that make every part of the mixers matter (the default init leaves them nearly silent)."""
-    for layer in adapter.linear_layers():
-        mixer = adapter.mixer(layer)
-        for module in mixer.modules():
-            if isinstance(module, torch.nn.Linear):
-                torch.nn.init.normal_(module.weight, std=module.in_features**-0.5)
-        torch.nn.init.normal_(mixer.conv1d.weight, std=0.5)
-        mixer.A_log.data = torch.empty_like(mixer.A_log).uniform_(0.05, 1.0).log()
-        torch.nn.init.normal_(mixer.dt_bias)
-        torch.nn.init.normal_(mixer.norm.weight, mean=1.0, std=0.2)
 
 
 @pytest.fixture(params=list(CONFIGS))
@@ -225,17 +212,8 @@ def test_keep_qk_channels(model, ids, tmp_path, monkeypatch):
     weights_before = {layer: adapter.qk_weights(layer) for layer in LINEAR}
     unpruned = logits(model, ids)
 
-    # the original model, with the delta rule fed the kept q/k channels only
-    module = modeling_module(adapter)
-    chunk = module.torch_chunk_gated_delta_rule
-
-    def indexing_kernel(query, key, *args, **kwargs):
-        gather = index.expand(*query.shape[:2], HK, kept)
-        return chunk(query.gather(-1, gather), key.gather(-1, gather), *args, **kwargs)
-
-    monkeypatch.setattr(module, "torch_chunk_gated_delta_rule", indexing_kernel)
-    expected = logits(model, ids)
-    monkeypatch.undo()
+    with kernel_fed_kept_channels(adapter, index):  # the original model, its delta rule fed the kept channels
+        expected = logits(model, ids)
 
     adapter.keep_qk_channels({layer: index for layer in LINEAR})
     pruned = logits(model, ids)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from fla.ops.kda.gate import naive_kda_gate, naive_kda_lowerbound_gate
 from fla.ops.kda.naive import naive_chunk_kda, naive_recurrent_kda
+from reference import cached_state_bytes, logits, reload_and_compare
 from transformers import AutoModelForCausalLM, KimiLinearConfig
 
 from staterank.backends.delta_rule import chunk_delta_rule_torch, delta_rule_step_torch, l2_norm
@@ -214,11 +215,6 @@ def ids(batch: int = 2, seq: int = 40) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=tokens).logits
-
-
-@torch.no_grad()
 def decoded_logits(model, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
     """Prefill ``prefill`` tokens with a cache, then feed the rest one token at a time."""
     out = model(input_ids=tokens[:, :prefill], use_cache=True)
@@ -299,14 +295,6 @@ def source(kimi, tmp_path_factory):
     return path
 
 
-def cached_state_bytes(model, tokens: torch.Tensor) -> int:
-    """Bytes of the conv and recurrent states transformers' cache holds after one sequence."""
-    with torch.no_grad():
-        cache = model(input_ids=tokens[:1], use_cache=True).past_key_values
-    layers = adapter_for(model).linear_layers()
-    return sum(cache.layers[i].conv_states[0].nbytes + cache.layers[i].recurrent_states[0].nbytes for i in layers)
-
-
 def test_info(source, kimi, capsys):
     assert main(["info", str(source), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -315,14 +303,6 @@ def test_info(source, kimi, capsys):
         {"layer": i, "num_k_heads": HEADS, "num_v_heads": HEADS, "head_k_dim": DK, "head_v_dim": DK} for i in LINEAR
     ]
     assert info["state_bytes_per_seq"] == cached_state_bytes(kimi, ids())
-
-
-def reload_and_compare(out, in_memory) -> torch.nn.Module:
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    tokens = ids(2, 40)
-    torch.testing.assert_close(logits(reloaded, tokens), logits(in_memory, tokens), rtol=0, atol=1e-5)
-    assert adapter_for(reloaded).shapes() == adapter_for(in_memory).shapes()
-    return reloaded
 
 
 def test_prune_l1_half_of_the_keys(source, kimi, tmp_path):
@@ -341,7 +321,7 @@ def test_prune_l1_half_of_the_keys(source, kimi, tmp_path):
     assert mixer.conv1d.in_channels == 2 * HEADS * DK // 2 + HEADS * DK
     assert mixer.forget_gate.f_b_proj.out_features == mixer.forget_gate.dt_bias.numel() == HEADS * DK // 2
     assert mixer.v_proj.out_features == mixer.g_b_proj.out_features == HEADS * DK
-    reloaded = reload_and_compare(out, in_memory)
+    reloaded = reload_and_compare(out, in_memory, ids(2, 40))
     assert reloaded.config.model_type == "staterank_kimi_linear"
     assert (reloaded.config.linear_key_head_dim, reloaded.config.linear_head_dim) == (DK // 2, DK)
     assert report["state_bytes_after"] == cached_state_bytes(reloaded, ids()) < report["state_bytes_before"]
@@ -358,7 +338,7 @@ def test_prune_jrnp_a_quarter_of_the_heads(source, kimi, tmp_path):
     assert {len(heads) for heads in removed.values()} == {HEADS // 4}
     in_memory = copy.deepcopy(kimi)
     adapter_for(in_memory).remove_heads(removed)
-    reloaded = reload_and_compare(out, in_memory)
+    reloaded = reload_and_compare(out, in_memory, ids(2, 40))
     assert reloaded.config.model_type == "kimi_linear"  # stock: head pruning keeps one head dim
     assert reloaded.config.linear_num_heads == HEADS - HEADS // 4
     assert adapter_for(reloaded).mixer(0).forget_gate.A_log.shape == (1, 1, HEADS - HEADS // 4, 1)

@@ -20,7 +20,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from reference import delta_rule_loop
+from reference import (
+    cached_state_bytes,
+    delta_rule_loop,
+    kernel_fed_kept_channels,
+    logits,
+    randomise_linear_attention,
+    reload_and_compare,
+    tapped,
+)
 from transformers import AutoModelForCausalLM, OlmoHybridConfig
 
 from staterank import api
@@ -51,19 +59,6 @@ def olmo_config(**overrides) -> OlmoHybridConfig:
 GROUPED = dict(linear_num_key_heads=3, linear_num_value_heads=6, linear_key_head_dim=16, linear_value_head_dim=32)
 
 
-def randomise_linear_attention(adapter: ModelAdapter) -> None:
-    """Weights that make every part of the mixers matter (the default init leaves them nearly silent)."""
-    for layer in adapter.linear_layers():
-        mixer = adapter.mixer(layer)
-        for module in mixer.modules():
-            if isinstance(module, torch.nn.Linear):
-                torch.nn.init.normal_(module.weight, std=module.in_features**-0.5)
-        torch.nn.init.normal_(mixer.conv1d.weight, std=0.5)
-        mixer.A_log.data = torch.empty_like(mixer.A_log).uniform_(0.05, 1.0).log()
-        torch.nn.init.normal_(mixer.dt_bias)
-        torch.nn.init.normal_(mixer.o_norm.weight, mean=1.0, std=0.2)
-
-
 def build(**overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(olmo_config(**overrides)).eval()
@@ -85,19 +80,6 @@ def ids(batch: int = 2, seq: int = 12) -> torch.Tensor:
     return torch.randint(2, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
 
 
-@torch.no_grad()
-def logits(model, tokens: torch.Tensor) -> torch.Tensor:
-    return model(tokens).logits
-
-
-@torch.no_grad()
-def tapped(adapter: ModelAdapter, tokens: torch.Tensor) -> dict[int, HeadFeatures]:
-    features = {}
-    with adapter.tap(lambda f: features.__setitem__(f.layer, f)):
-        adapter.model(tokens)
-    return features
-
-
 def modeling_module(adapter: ModelAdapter):
     return sys.modules[type(adapter.mixer(LINEAR[0])).__module__]
 
@@ -111,13 +93,6 @@ def save_and_reload(model, path, tokens: torch.Tensor):
 
 
 @torch.no_grad()
-def cached_state_bytes(model, tokens: torch.Tensor) -> int:
-    """Bytes of the conv and recurrent states transformers' cache holds after one sequence."""
-    cache = model(tokens[:1], use_cache=True).past_key_values
-    layers = adapter_for(model).linear_layers()
-    return sum(cache.layers[i].conv_states[0].nbytes + cache.layers[i].recurrent_states[0].nbytes for i in layers)
-
-
 # --- the adapter ---------------------------------------------------------------------------------------------
 
 
@@ -206,16 +181,8 @@ def test_keep_qk_channels_equals_the_kernel_fed_them_and_reloads(grouped, tmp_pa
     convs_before = {layer: adapter.qk_conv_weights(layer) for layer in LINEAR}
     unpruned = logits(grouped, tokens)
 
-    module = modeling_module(adapter)
-    chunk = module.torch_chunk_gated_delta_rule
-
-    def indexing_kernel(query, key, *args, **kwargs):
-        gather = index.expand(*query.shape[:2], hk, kept)
-        return chunk(query.gather(-1, gather), key.gather(-1, gather), *args, **kwargs)
-
-    monkeypatch.setattr(module, "torch_chunk_gated_delta_rule", indexing_kernel)
-    expected = logits(grouped, tokens)
-    monkeypatch.undo()
+    with kernel_fed_kept_channels(adapter, index):
+        expected = logits(grouped, tokens)
 
     adapter.keep_qk_channels({layer: index for layer in LINEAR})
     pruned = logits(grouped, tokens)
@@ -321,15 +288,6 @@ def test_info(source, model, capsys):
     assert info["state_bytes_per_seq"] == cached_state_bytes(model, ids())
 
 
-def reload_and_compare(out, in_memory) -> torch.nn.Module:
-    """The pruned output, loaded by stock transformers, against the source pruned in memory by the adapter."""
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    tokens = ids(2, 40)
-    torch.testing.assert_close(logits(reloaded, tokens), logits(in_memory, tokens), rtol=0, atol=1e-5)
-    assert adapter_for(reloaded).shapes() == adapter_for(in_memory).shapes()
-    return reloaded
-
-
 def test_prune_l1_half_of_the_keys(source, model, tmp_path):
     out = tmp_path / "l1"
     assert main(["prune", str(source), "--method", "l1", "--ratio", "0.5", "--out", str(out)]) == 0
@@ -343,7 +301,7 @@ def test_prune_l1_half_of_the_keys(source, model, tmp_path):
     top = (q.abs().sum(-1) + k.abs().sum(-1)).topk(DK // 2, dim=1).indices.sort(dim=1).values
     assert torch.equal(keep[0].sort(dim=1).values, top)
     adapter.keep_qk_channels(keep)
-    reloaded = reload_and_compare(out, in_memory)
+    reloaded = reload_and_compare(out, in_memory, ids(2, 40))
     assert reloaded.config.linear_key_head_dim == DK // 2 and reloaded.config.linear_value_head_dim == DV
     assert report["state_bytes_after"] == adapter.state_bytes_per_seq() < report["state_bytes_before"]
     assert (out / "README.md").exists()
@@ -361,7 +319,7 @@ def test_prune_jrnp_a_quarter_of_the_heads(source, model, tmp_path):
     assert report["ratio"] == 0.25 and report["kept_ratio"] == pytest.approx(count / HEADS)
     in_memory = copy.deepcopy(model)
     adapter_for(in_memory).remove_heads(removed)
-    reloaded = reload_and_compare(out, in_memory)
+    reloaded = reload_and_compare(out, in_memory, ids(2, 40))
     assert reloaded.config.linear_num_value_heads == reloaded.config.linear_num_key_heads == HEADS - count
     assert report["state_bytes_after"] == cached_state_bytes(reloaded, ids())
 
@@ -376,7 +334,7 @@ def test_every_channel_criterion_prunes_and_reloads(method, tokenizer, tmp_path)
     keep = {int(layer): torch.tensor([heads[str(h)] for h in range(3)]) for layer, heads in report["kept"].items()}
     assert sorted(keep) == LINEAR and report["head_k_dim_after"] == 8
     adapter_for(grouped_model).keep_qk_channels(keep)
-    reload_and_compare(tmp_path / "out", grouped_model)
+    reload_and_compare(tmp_path / "out", grouped_model, ids(2, 40))
 
 
 def test_analyze(source, tmp_path):
