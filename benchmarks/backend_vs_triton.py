@@ -14,6 +14,7 @@ recurrent states (read through each family's adapter), and of the gradients w.r.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 
@@ -72,6 +73,34 @@ def compare(name: str, model, vocab_size: int, batch: int, seq_len: int, backwar
     }
 
 
+def conv_check(batch: int = 4, channels: int = 8192, seq_len: int = 1000, width: int = 4) -> dict:
+    """fla's Triton causal convolution, as staterank routes transformers' GPU calls to it, against transformers'
+    PyTorch reference, in float32 on the GPU: the whole-sequence form, then ten single-token updates of the state."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as qwen
+
+    from staterank.backends.hf_fallbacks import fla_causal_conv1d_fn, fla_causal_conv1d_update
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(batch, channels, seq_len, device="cuda", generator=generator)
+    weight = torch.randn(channels, width, device="cuda", generator=generator) / width
+    bias = torch.randn(channels, device="cuda", generator=generator)
+    reference_fn, reference_update = (
+        inspect.unwrap(qwen.causal_conv1d_fn), inspect.unwrap(qwen.causal_conv1d_update)
+    )  # fmt: skip
+    expected = reference_fn(x, weight, bias, activation="silu")
+    fn_diff = (fla_causal_conv1d_fn(x, weight, bias, activation="silu") - expected).abs().max().item()
+    state_ref, state_fla = x[..., -width:].clone(), x[..., -width:].clone()
+    update_diff = state_diff = 0.0
+    for _ in range(10):
+        token = torch.randn(batch, channels, 1, device="cuda", generator=generator)
+        y_ref = reference_update(token, state_ref, weight, bias, activation="silu")
+        y_fla = fla_causal_conv1d_update(token, state_fla, weight, bias, activation="silu")
+        update_diff = max(update_diff, (y_fla - y_ref).abs().max().item())
+        state_diff = max(state_diff, (state_fla - state_ref).abs().max().item())
+    return {"shape": [batch, channels, seq_len, width], "max_abs_diff_fn": fn_diff,
+            "max_abs_diff_update": update_diff, "max_abs_diff_state": state_diff}  # fmt: skip
+
+
 def random_configs() -> dict:
     """One small random config per family (hidden 512, 4 layers, d_k 128), keyed by 'model_type, description'."""
     from fla.models import DeltaNetConfig, GatedDeltaNetConfig, GatedDeltaProductConfig, KDAConfig
@@ -127,6 +156,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     configs = {name: build for name, build in random_configs().items() if name.split(",")[0] in args.families}
+    conv = conv_check()
+    print(json.dumps({"causal_conv1d": conv}), flush=True)
     results = []
     for name, build in configs.items():
         torch.manual_seed(0)
@@ -153,7 +184,7 @@ def main() -> int:
         )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=2)
+            json.dump({"device": torch.cuda.get_device_name(), "causal_conv1d": conv, "results": results}, f, indent=2)
     return 0
 
 

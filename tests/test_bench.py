@@ -136,12 +136,28 @@ def test_bench_says_which_decode_batch_fits_the_budget(tmp_path, capsys):
 
 
 def test_static_decoder_refuses_a_growing_cache():
-    """Hybrid models keep a key/value cache that grows every token: no fixed-size step to capture."""
+    """A hybrid's DynamicCache grows in its attention layers: no fixed-size step to capture in it."""
+    from transformers import AutoModelForCausalLM
+
+    from staterank.models import StaticCacheError, adapter_for
+
+    prepare_runtime("qwen3_next")
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_next", 64)).eval()
+    with torch.no_grad():
+        cache = model(input_ids=torch.randint(0, 64, (1, 5)), use_cache=True).past_key_values
+    with pytest.raises(StaticCacheError, match="grows with every token"):
+        adapter_for(model).static_cache_tensors(cache)
+
+
+def test_static_decoder_stops_at_its_capacity():
     from transformers import AutoModelForCausalLM
 
     from staterank.bench import BenchError, StaticDecoder
 
-    prepare_runtime("qwen3_next")
-    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_next", 64)).eval()
-    with torch.no_grad(), pytest.raises(BenchError, match="cache"):
-        StaticDecoder(model, torch.randint(0, 64, (1, 5)))
+    prepare_runtime("qwen3_5_text")
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen3_5_text", 64)).eval()
+    decoder = StaticDecoder(model, torch.randint(0, 64, (1, 5)), max_new_tokens=2)
+    decoder.step()
+    decoder.step()
+    with pytest.raises(BenchError, match="holds 2 new tokens"):
+        decoder.step()

@@ -330,3 +330,22 @@ def test_removed_heads_equal_zeroed_output_columns_and_reload(family, one_thread
     for shape in adapter_for(reloaded).shapes():  # the cache holds the smaller state
         cached = adapter_for(reloaded).cached_state(cache, shape.layer)
         assert cached.shape == (len(ids), shape.num_v_heads, shape.head_k_dim, shape.head_v_dim)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_decoding_equals_the_models_own_cache_and_keeps_its_memory(family, one_thread):
+    """The graph-ready decoder (fla's own cache, transformers' StaticCache for the hybrids) gives the logits of
+    decoding through the model's default cache, in tensors that never move."""
+    from staterank.bench import StaticDecoder
+
+    model, _ = build(family)
+    prompt = tokens()[:, :9]
+    decoder = StaticDecoder(model, prompt, max_new_tokens=4)
+    addresses = [t.data_ptr() for t in decoder.states]
+    with torch.no_grad():
+        cache = model(input_ids=prompt, use_cache=True).past_key_values
+        for _ in range(4):
+            expected = model(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True)
+            cache = expected.past_key_values
+            torch.testing.assert_close(decoder.step(), expected.logits, rtol=1e-5, atol=1e-5)
+    assert [t.data_ptr() for t in decoder.states] == addresses

@@ -72,28 +72,41 @@ def _decode(model, prompt: torch.Tensor, steps: int) -> None:
 
 
 class StaticDecoder:
-    """Greedy-free decoding through a cache whose state tensors keep their memory from step to step.
+    """Greedy-free decoding through a cache whose tensors keep their memory from step to step.
 
     The prompt fills the cache; every :meth:`step` feeds the static ``token`` [B, 1], copies the
     states the model returns into the tensors the cache held before and puts those back. A step
     therefore reads and writes the same addresses every time, so it can be captured in a CUDA graph
-    and replayed. Needs a cache of fixed size, which the model's adapter keeps in place
-    (:meth:`~staterank.models.base.ModelAdapter.static_cache_tensors`; it says why another cannot be).
+    and replayed. The cache is the one the model's adapter provides for that
+    (:meth:`~staterank.models.base.ModelAdapter.decoding_cache`: transformers' ``StaticCache`` for the
+    hybrids, whose attention layers then write into preallocated key/value buffers of ``max_new_tokens``
+    more slots than the prompt), or the model's own where it is of fixed size already (fla's); the adapter
+    says why another cannot be (:meth:`~staterank.models.base.ModelAdapter.static_cache_tensors`).
     """
 
-    def __init__(self, model, prompt: torch.Tensor):
+    def __init__(self, model, prompt: torch.Tensor, max_new_tokens: int = 256):
         self.model = model
         self.adapter = adapter_for(model)
-        self.cache = model(input_ids=prompt, use_cache=True).past_key_values
+        self.capacity = max_new_tokens
+        self.steps = 0
+        cache = self.adapter.decoding_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
+        given = {} if cache is None else {"past_key_values": cache}
+        self.cache = model(input_ids=prompt, use_cache=True, **given).past_key_values
         try:
             self.states = self.adapter.static_cache_tensors(self.cache)  # the tensors every step writes into
         except StaticCacheError as error:
             raise BenchError(str(error)) from None
         self.token = prompt[:, -1:].clone()
 
+    def _count_step(self) -> None:
+        if self.steps == self.capacity:
+            raise BenchError(f"the decoding cache holds {self.capacity} new tokens; give a larger max_new_tokens")
+        self.steps += 1
+
     @torch.no_grad()
     def step(self) -> torch.Tensor:
         """Decode one token; returns the logits [B, 1, vocab] (a new tensor, or the graph's output)."""
+        self._count_step()
         logits = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True).logits
         for static, new in zip(self.states, self.adapter.static_cache_tensors(self.cache), strict=True):
             if new is not static:
@@ -105,8 +118,8 @@ class StaticDecoder:
 class GraphedDecoder(StaticDecoder):
     """:class:`StaticDecoder` whose step is captured once in a CUDA graph and then replayed."""
 
-    def __init__(self, model, prompt: torch.Tensor, warmup_steps: int = 3):
-        super().__init__(model, prompt)
+    def __init__(self, model, prompt: torch.Tensor, max_new_tokens: int = 256, warmup_steps: int = 3):
+        super().__init__(model, prompt, max_new_tokens)
         # Triton autotuning and lazy allocations must happen before capture, on a side stream.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -119,6 +132,7 @@ class GraphedDecoder(StaticDecoder):
             self.logits = super().step()
 
     def step(self) -> torch.Tensor:
+        self._count_step()
         self.graph.replay()
         return self.logits
 
@@ -165,12 +179,14 @@ def _check_batches_fit(models: list[LoadedModel], names: list[str], batch_sizes,
             )
 
 
-def _graph_decoders(models: list[LoadedModel], prompt: torch.Tensor) -> tuple[list[GraphedDecoder], str | None]:
+def _graph_decoders(
+    models: list[LoadedModel], prompt: torch.Tensor, max_new_tokens: int
+) -> tuple[list[GraphedDecoder], str | None]:
     """Capture a :class:`GraphedDecoder` per model on ``prompt``; on failure, say why instead."""
     if prompt.device.type != "cuda":
         return [], "CUDA graphs need a CUDA device"
     try:
-        return [GraphedDecoder(loaded.model, prompt) for loaded in models], None
+        return [GraphedDecoder(loaded.model, prompt, max_new_tokens) for loaded in models], None
     except (BenchError, RuntimeError) as error:
         return [], str(error).splitlines()[0]
 
@@ -308,7 +324,8 @@ def _measure(
     # Graphed decoding, one batch size at a time: each decoder holds its batch's states and its graph's memory.
     graphs_unavailable = None
     for b in decode_batch_sizes:
-        decoders, graphs_unavailable = _graph_decoders(models, prompts[b])
+        # the warm-up and capture steps, then every timed and untimed run
+        decoders, graphs_unavailable = _graph_decoders(models, prompts[b], 4 + decode_steps * (warmup + repeats))
         if graphs_unavailable is not None:
             break
         for repeat in range(warmup + repeats):

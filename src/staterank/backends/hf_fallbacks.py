@@ -9,12 +9,18 @@ anything else to what transformers chose.
 
 The classes' ``use_kernelized_func`` decoration only registers the original function objects for the
 ``kernels`` package's ``kernelize``; ``forward`` calls the module-level names, so rebinding those suffices.
+
+On a GPU without the ``causal-conv1d`` package, transformers runs its causal convolutions through the PyTorch
+reference ("falling back ... much slower"); where fla is installed, the dispatcher sends them to fla's Triton
+causal convolution instead (:func:`fla_causal_conv1d_fn`, :func:`fla_causal_conv1d_update`), the kernel fla's
+own models decode with.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 from collections.abc import Callable
 
@@ -64,7 +70,8 @@ def use_torch_fallbacks_on_cpu() -> None:
                 continue
             reference = inspect.unwrap(chosen)
             if reference is not chosen:
-                setattr(module, function_name, _dispatch_on_device(chosen, _torch_op(function_name, reference)))
+                gpu = _gpu_op(function_name, chosen)
+                setattr(module, function_name, _dispatch_on_device(gpu, _torch_op(function_name, reference)))
 
 
 def _torch_op(function_name: str, reference: Callable) -> Callable:
@@ -73,6 +80,50 @@ def _torch_op(function_name: str, reference: Callable) -> Callable:
         return reference
     module_name, _, attribute = _TORCH_OPS[function_name].partition(":")
     return getattr(importlib.import_module(module_name), attribute)
+
+
+def _gpu_op(function_name: str, chosen: Callable) -> Callable:
+    """What GPU inputs run: fla's Triton convolution where transformers would fall back to PyTorch for want of the
+    ``causal-conv1d`` package, else what transformers chose."""
+    fla_ops = {"causal_conv1d_fn": fla_causal_conv1d_fn, "causal_conv1d_update": fla_causal_conv1d_update}
+    if function_name not in fla_ops or importlib.util.find_spec("causal_conv1d") is not None:
+        return chosen
+    if importlib.util.find_spec("fla") is None:
+        return chosen
+    return functools.wraps(chosen)(fla_ops[function_name])
+
+
+def fla_causal_conv1d_fn(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    seq_idx: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """transformers' ``causal_conv1d_fn`` (x ``[B, D, T]`` in and out, weight ``[D, W]``) on fla's Triton kernel."""
+    from fla.modules.causal_conv1d import causal_conv1d
+
+    if seq_idx is not None:
+        raise ValueError("fla's causal convolution takes packed sequences as cu_seqlens, not seq_idx")
+    y, _ = causal_conv1d(hidden_states.transpose(1, 2), weight=weight, bias=bias, activation=activation)
+    return y.transpose(1, 2)
+
+
+def fla_causal_conv1d_update(
+    hidden_states: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """transformers' ``causal_conv1d_update`` (x ``[B, D, 1]`` in and out; ``conv_state`` ``[B, D, W]``, the last W
+    inputs, updated in place) on fla's Triton kernel."""
+    from fla.modules.causal_conv1d import causal_conv1d_update
+
+    x = hidden_states.transpose(1, 2)  # [B, 1, D]
+    y, _ = causal_conv1d_update(x, conv_state, weight=weight, bias=bias, activation=activation)
+    return y.transpose(1, 2)
 
 
 def _dispatch_on_device(chosen: Callable, reference: Callable) -> Callable:

@@ -235,6 +235,11 @@ class ModelAdapter(ABC):
     def cached_state(self, cache, layer: int) -> torch.Tensor:
         """The recurrent state a forward with ``use_cache=True`` left in ``cache``: [B, Hv, d_k, d_v]."""
 
+    def decoding_cache(self, batch_size: int, max_cache_len: int):
+        """A cache for decoding in place (every tensor keeps its address from step to step), to pass to the model's
+        first forward pass; None when the model's own cache already is one (fla's caches without attention)."""
+        return None
+
     def static_cache_tensors(self, cache) -> list[torch.Tensor]:
         """The tensors of a decoding cache that hold its whole, fixed-size state (recurrent states, convolution
         windows), in an order that every call on the family's caches repeats.

@@ -30,7 +30,6 @@ from staterank.models import register
 from staterank.models.base import (
     LayerShape,
     ModelAdapter,
-    StaticCacheError,
     head_channels,
     per_head_channels,
     slice_conv_channels,
@@ -39,6 +38,7 @@ from staterank.models.base import (
     slice_vector,
 )
 from staterank.models.fla_common import causal_depthwise_conv
+from staterank.models.hf_cache import TransformersCacheMixin
 from staterank.models.kda_common import gate_channels, value_head_gate_channels
 
 
@@ -161,7 +161,7 @@ register_auto_classes()
 
 
 @register
-class KimiLinearAdapter(ModelAdapter):
+class KimiLinearAdapter(TransformersCacheMixin, ModelAdapter):
     family = "Kimi Linear (transformers)"
     model_types = ("kimi_linear", StaterankKimiLinearConfig.model_type)
     state_dtype = torch.float32  # the cache keeps last_recurrent_state.to(float32)
@@ -203,12 +203,6 @@ class KimiLinearAdapter(ModelAdapter):
 
     def cached_state(self, cache, layer: int) -> torch.Tensor:
         return cache.layers[layer].recurrent_states[0]  # [B, H, d_k, d_v]
-
-    def static_cache_tensors(self, cache) -> list[torch.Tensor]:
-        raise StaticCacheError(
-            f"{self.family}: {type(cache).__name__} is not a recurrent cache of fixed size: its MLA layers keep a "
-            "key/value cache that grows with every token"
-        )
 
     def qk_conv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = self.layer_shape(layer)

@@ -28,13 +28,13 @@ from staterank.models.base import (
     HeadFeatures,
     LayerShape,
     ModelAdapter,
-    StaticCacheError,
     head_channels,
     slice_conv_channels,
     slice_linear_columns,
     slice_vector,
 )
 from staterank.models.fla_common import causal_depthwise_conv
+from staterank.models.hf_cache import TransformersCacheMixin
 
 #: The only head dim of the FlashInfer GDN prefill kernel that vLLM picks on Hopper GPUs.
 FLASHINFER_GDN_HEAD_DIM = 128
@@ -93,7 +93,7 @@ class Selection:
         return torch.cat([self.qk_rows, key_dim + self.qk_rows, 2 * key_dim + self.value_rows])
 
 
-class QwenGatedDeltaNetAdapter(ModelAdapter):
+class QwenGatedDeltaNetAdapter(TransformersCacheMixin, ModelAdapter):
     """Shared plumbing of the Qwen3-Next and Qwen3.5 adapters."""
 
     no_decay_suffixes = ("A_log", "dt_bias")  # the per-head decay
@@ -128,17 +128,6 @@ class QwenGatedDeltaNetAdapter(ModelAdapter):
 
     def cached_state(self, cache, layer: int) -> torch.Tensor:
         return cache.layers[layer].recurrent_states[0]  # [B, Hv, d_k, d_v], as the torch reference keeps it
-
-    def static_cache_tensors(self, cache) -> list[torch.Tensor]:
-        attention = [i for i in range(len(self.decoder_layers())) if self.mixer(i) is None]
-        reason = (
-            f"its full-attention layers ({', '.join(map(str, attention))}) keep a key/value cache that grows with "
-            "every token"
-            if attention
-            else "staterank does not keep transformers' linear-attention cache layers in place"
-        )
-        cache_name = type(cache).__name__
-        raise StaticCacheError(f"{self.family}: {cache_name} is not a recurrent cache of fixed size: {reason}")
 
     def qk_conv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         mixer, shape = self.mixer(layer), self.layer_shape(layer)
