@@ -297,12 +297,12 @@ def test_per_layer_head_counts_are_refused_before_any_surgery(model):
     assert [(s.num_k_heads, s.num_v_heads) for s in adapter.shapes()] == [(HK, HV)] * len(LINEAR)
 
 
-def test_static_cache_is_refused_because_attention_layers_grow(model, ids):
+def test_a_dynamic_cache_is_refused_because_attention_layers_grow(model, ids):
     from staterank.models import StaticCacheError
 
     with torch.no_grad():
         cache = model(input_ids=ids, use_cache=True).past_key_values
-    with pytest.raises(StaticCacheError, match=r"full-attention layers \(1\) keep a key/value cache that grows"):
+    with pytest.raises(StaticCacheError, match=r"layer 1 \(DynamicLayer\) keeps a key/value cache that grows"):
         adapter_for(model).static_cache_tensors(cache)
 
 
