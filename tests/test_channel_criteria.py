@@ -64,6 +64,8 @@ def hand_scores(name: str, weights, stats) -> list[list[float]]:
         for c in range(D_K):
             if name == "l1":
                 row.append(sum(abs(w_q[h][c][j]) + abs(w_k[h][c][j]) for j in range(HIDDEN)))
+            elif name == "l2":
+                row.append(sum(w_q[h][c][j] ** 2 + w_k[h][c][j] ** 2 for j in range(HIDDEN)) ** 0.5)
             elif name == "wanda":
                 row.append(sum((abs(w_q[h][c][j]) + abs(w_k[h][c][j])) * input_sq[j] ** 0.5 for j in range(HIDDEN)))
             else:
@@ -72,7 +74,7 @@ def hand_scores(name: str, weights, stats) -> list[list[float]]:
     return scores
 
 
-@pytest.mark.parametrize("name", ["l1", "wanda", "taylor"])
+@pytest.mark.parametrize("name", ["l1", "l2", "wanda", "taylor"])
 def test_scores_match_hand_computation(problem, name):
     weights, stats, _, _ = problem
     expected = hand_scores(name, weights, stats)
@@ -179,10 +181,10 @@ def test_impossible_keep(problem, keep):
 
 
 def test_registry_and_lookup():
-    assert set(CHANNEL_CRITERIA) == {"random", "l1", "wanda", "taylor", "pca", "rrqr"}
+    assert set(CHANNEL_CRITERIA) == {"random", "l1", "l2", "lottery", "wanda", "taylor", "pca", "rrqr"}
     for name, cls in CHANNEL_CRITERIA.items():
         assert cls.name == name and cls.needs <= set(STATISTICS)
-    with pytest.raises(CriterionError, match="l1, pca, random, rrqr, taylor, wanda") as error:
+    with pytest.raises(CriterionError, match="l1, l2, lottery, pca, random, rrqr, taylor, wanda") as error:
         get_criterion("magnitude")
     assert isinstance(error.value, StaterankError)
     with pytest.raises(CriterionError, match="no option frobnicate; its options: f, use_queries, normalize, max_swaps"):
@@ -243,7 +245,7 @@ def test_the_registry_helper():
 @pytest.mark.parametrize(
     ("method", "options", "message"),
     [
-        ("magnitude", {}, "unknown method 'magnitude'; q/k channel methods: l1, pca"),
+        ("magnitude", {}, "unknown method 'magnitude'; q/k channel methods: l1, l2, lottery, pca"),
         ("rrqr", {"f": 1.0}, "f must exceed 1"),
         ("rrqr", {"g": 2}, "no option g"),
         ("rrqr", {}, "is data-driven: pass --data"),

@@ -87,7 +87,8 @@ def test_every_method_prunes_saves_and_reloads(method, gated_dir, tmp_path):
                        progress=False)
     saved = json.loads((out / "pruning.json").read_text())
     assert saved == json.loads(json.dumps(report))
-    assert saved["head_k_dim_after"] == 8 and saved["calib_tokens"] == (512 if CHANNEL_CRITERIA[method].needs else 0)
+    reads_data = CHANNEL_CRITERIA[method].needs or CHANNEL_CRITERIA[method].trains
+    assert saved["head_k_dim_after"] == 8 and saved["calib_tokens"] == (512 if reads_data else 0)
     assert set(saved["kept"]) == {"0", "1"} and all(len(head) == 8 for head in saved["kept"]["0"].values())
     # state: 4 heads x (16 -> 8) x 16 fp32 and conv channels 2 x 2 x (16 -> 8) fewer, per layer
     assert saved["state_bytes_before"] - saved["state_bytes_after"] == 2 * (4 * 8 * 16 * 4 + 2 * 2 * 8 * 4 * 4)

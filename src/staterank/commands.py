@@ -211,7 +211,7 @@ def prune(
         report.update(
             kept_ratio=1 - result.head_k_dim_after / result.head_k_dim_before,
             unit="channel",
-            calib_tokens=result.calibration.tokens if result.calibration is not None else 0,
+            calib_tokens=result.calibration_tokens,
             seq_len=opts.seq_len,
             align=result.align,
             head_k_dim_requested=result.requested_k_dim,
@@ -222,6 +222,8 @@ def prune(
             kept=result.kept(),
             seconds=result.seconds,
         )
+        if result.rounds is not None:
+            report.update(rounds=result.rounds, rewound="every weight: the kept channels carry the original values")
     report.update(
         state_bytes_before=state_bytes_before,
         state_bytes_after=loaded.adapter.state_bytes_per_seq(),

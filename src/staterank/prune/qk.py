@@ -66,7 +66,7 @@ def check_channel_options(criterion: ChannelCriterion, ratio: float, align: int 
     """Refuse, before any model is loaded, what no model could honour: :func:`check_ratio_and_align`, and a
     data-driven criterion without calibration data. (The criterion checked its own options when it was built.)"""
     check_ratio_and_align(ratio, align)
-    if criterion.needs and data is None:
+    if (criterion.needs or criterion.trains) and data is None:
         raise PruningOptionError(f"method {criterion.name!r} is data-driven: pass --data")
 
 
@@ -106,6 +106,8 @@ class ChannelPruningResult:
     align: int  # the alignment applied (the default's choice where none was given)
     rotated: bool = False
     notes: list[str] = field(default_factory=list)
+    rounds: list[dict] | None = None  # lottery: every round's channel count, losses and kept channels
+    calibration_tokens: int = 0  # tokens of calibration data read (the statistics', or lottery's fine-tuning)
 
     def kept(self) -> dict[str, dict[str, list[int]]]:
         return {
@@ -153,6 +155,28 @@ def prune_channels(
     new_dim = kept_dim(head_k_dim, ratio, align)
 
     calibration = None
+    generator = torch.Generator().manual_seed(seed)
+    if criterion.trains:  # lottery: rounds of fine-tuning, magnitude scoring and rewinding
+        from staterank.prune.lottery import lottery_rounds
+
+        sequences = load_sequences(
+            data, loaded.tokenizer, opts.seq_len, max_tokens=opts.calib_tokens, shuffle=True, seed=seed
+        )
+        selections, rounds = lottery_rounds(
+            loaded, criterion, head_k_dim, new_dim, sequences, opts.batch_size, seed, opts.progress, generator
+        )
+        adapter.keep_qk_channels({layer: s.index for layer, s in selections.items()})
+        return ChannelPruningResult(
+            selections=selections,
+            head_k_dim_before=head_k_dim,
+            head_k_dim_after=new_dim,
+            calibration=None,
+            seconds=time.perf_counter() - start,
+            requested_k_dim=requested_dim(head_k_dim, ratio),
+            align=align if align is not None else default_align(head_k_dim, requested_dim(head_k_dim, ratio)),
+            rounds=rounds,
+            calibration_tokens=int(sequences.numel()),
+        )
     if criterion.needs:
         sequences = load_sequences(
             data, loaded.tokenizer, opts.seq_len, max_tokens=opts.calib_tokens, shuffle=True, seed=seed
@@ -160,7 +184,6 @@ def prune_channels(
         gradients, batch_size = "gradients" in criterion.needs, opts.batch_size
         calibration = calibrate(adapter, sequences, batch_size=batch_size, gradients=gradients, progress=opts.progress)
 
-    generator = torch.Generator().manual_seed(seed)
     selections = {}
     for layer in adapter.linear_layers():
         stats = calibration[layer] if calibration is not None else None
@@ -182,4 +205,5 @@ def prune_channels(
         requested_k_dim=requested_dim(head_k_dim, ratio),
         align=align if align is not None else default_align(head_k_dim, requested_dim(head_k_dim, ratio)),
         rotated=bool(rotations),
+        calibration_tokens=calibration.tokens if calibration is not None else 0,
     )

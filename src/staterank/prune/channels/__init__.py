@@ -8,7 +8,7 @@ One file, one class per criterion (a dataclass whose fields are its options), re
 
 from __future__ import annotations
 
-from staterank.prune.channels import l1, pca, random, rrqr, taylor, wanda  # noqa: F401  (they register themselves)
+from staterank.prune.channels import l1, l2, lottery, pca, random, rrqr, taylor, wanda  # noqa: F401  (they register themselves)
 from staterank.prune.channels.base import (
     CHANNEL_CRITERIA,
     ChannelCriterion,

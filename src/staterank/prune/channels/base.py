@@ -46,6 +46,8 @@ class ChannelCriterion(ABC):
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()  # keys of STATISTICS; empty: weights only
+    #: fine-tunes the model between rounds of selection (lottery): needs calibration data, run by prune.lottery
+    trains: ClassVar[bool] = False
 
     def select(
         self, stats: LayerStats | None, weights: tuple[Tensor, Tensor], keep: int, generator: torch.Generator
