@@ -83,6 +83,8 @@ def states_at(
             initial_state=state,
             output_final_state=True,
             chunk_size=min(chunk_size, (end - start) * steps),  # a short segment needs no padding to a full chunk
+            use_qk_l2norm=features.qk_l2norm,
+            delta_rule=features.delta_rule,
         )
         states.append(state)
         start = end

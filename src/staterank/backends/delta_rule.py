@@ -104,6 +104,7 @@ def chunk_delta_rule_torch(
     scale: float | None = None,
     use_qk_l2norm: bool = True,
     chunk_size: int = 64,
+    delta_rule: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked (gated) delta rule in matrix form.
 
@@ -120,6 +121,8 @@ def chunk_delta_rule_torch(
         use_qk_l2norm: L2-normalise q and k (eps 1e-6 inside the sqrt) before the recurrence, as fla's
             ``use_qk_l2norm_in_kernel=True``.
         chunk_size: tokens per chunk; any positive value gives the same result up to rounding.
+        delta_rule: False drops the delta correction: plain (gated) linear attention, ``S_t = a_t S_{t-1} +
+            b_t k_t v_t^T`` (GLA with a per-channel ``g``), where ``U = diag(b) V`` and ``W = 0``.
 
     Returns:
         ``o`` of shape ``[B, T, HV, V]`` and the final state ``[B, HV, K, V]`` (or ``None``), both in float32
@@ -139,12 +142,12 @@ def chunk_delta_rule_torch(
         g = beta.new_zeros(beta.shape, dtype=dtype)
     q, k, v, beta, g = (_chunks(x.to(dtype), chunk_size) for x in (q, k, v, beta, g))
     S = q.new_zeros(B, HV, K, V) if initial_state is None else initial_state.to(dtype)
-    o, S = (_per_channel_chunks if per_channel else _scalar_chunks)(q * scale, k, v, beta, g, S)
+    o, S = (_per_channel_chunks if per_channel else _scalar_chunks)(q * scale, k, v, beta, g, S, delta_rule)
     o = o.flatten(2, 3)[:, :, :T].transpose(1, 2)
     return o, (S if output_final_state else None)
 
 
-def _scalar_chunks(q, k, v, beta, g, S):
+def _scalar_chunks(q, k, v, beta, g, S, delta_rule=True):
     """The chunk recurrence with one decay per head: chunked inputs ``[B, HV, NT, C, *]``, state ``[B, HV, K, V]``."""
     C, V = q.shape[-2], v.shape[-1]
     gamma = g.cumsum(-1)  # [B, HV, NT, C]
@@ -152,11 +155,13 @@ def _scalar_chunks(q, k, v, beta, g, S):
     # decay[i, j] = exp(gamma_i - gamma_j) for j <= i; masking before exp avoids overflow above the diagonal.
     decay = torch.where(causal, gamma[..., :, None] - gamma[..., None, :], float('-inf')).exp()  # [B, HV, NT, C, C]
 
-    k_beta = k * beta[..., None]
-    A = ((k_beta @ k.transpose(-1, -2)) * decay).tril(-1)
-    rhs = torch.cat((v * beta[..., None], k_beta * gamma.exp()[..., None]), dim=-1)
-    # unitriangular=True reads A's (zero) diagonal as ones: this solves (I + A) [U | W] = rhs.
-    u, w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split((V, q.shape[-1]), dim=-1)
+    u, w = v * beta[..., None], None  # without the delta correction: delta = U
+    if delta_rule:
+        k_beta = k * beta[..., None]
+        A = ((k_beta @ k.transpose(-1, -2)) * decay).tril(-1)
+        rhs = torch.cat((u, k_beta * gamma.exp()[..., None]), dim=-1)
+        # unitriangular=True reads A's (zero) diagonal as ones: this solves (I + A) [U | W] = rhs.
+        u, w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split((V, q.shape[-1]), dim=-1)
 
     attn = (q @ k.transpose(-1, -2)) * decay  # [B, HV, NT, C, C], lower triangular incl. diagonal
     q_decayed = q * gamma.exp()[..., None]
@@ -165,13 +170,13 @@ def _scalar_chunks(q, k, v, beta, g, S):
 
     o = q.new_zeros(*v.shape)
     for n in range(q.shape[2]):
-        delta = u[:, :, n] - w[:, :, n] @ S  # [B, HV, C, V]
+        delta = u[:, :, n] if w is None else u[:, :, n] - w[:, :, n] @ S  # [B, HV, C, V]
         o[:, :, n] = q_decayed[:, :, n] @ S + attn[:, :, n] @ delta
         S = chunk_decay[:, :, n] * S + k_decayed[:, :, n].transpose(-1, -2) @ delta
     return o, S
 
 
-def _per_channel_chunks(q, k, v, beta, g, S):
+def _per_channel_chunks(q, k, v, beta, g, S, delta_rule=True):
     """The chunk recurrence with one decay per key channel (KDA); same arguments as :func:`_scalar_chunks`."""
     C, V = q.shape[-2], v.shape[-1]
     gamma = g.cumsum(-2)  # [B, HV, NT, C, K]
@@ -182,13 +187,15 @@ def _per_channel_chunks(q, k, v, beta, g, S):
         q_n, k_n, v_n, b_n, gamma_n = q[:, :, n], k[:, :, n], v[:, :, n], beta[:, :, n], gamma[:, :, n]
         diff = gamma_n[..., :, None, :] - gamma_n[..., None, :, :]  # [B, HV, C, C, K]: gamma_i - gamma_j
         k_ratio = torch.where(lower[..., None], diff, float("-inf")).exp() * k_n[..., None, :, :]
-        A = (torch.einsum("bhid,bhijd->bhij", k_n, k_ratio) * b_n[..., None]).tril(-1)
-        rhs = torch.cat((v_n * b_n[..., None], k_n * gamma_n.exp() * b_n[..., None]), dim=-1)
-        # Solving for the C x C inverse of (I + A) and multiplying is ~20x faster on CPU than solving for the wide
-        # right-hand side directly.
-        inverse = torch.linalg.solve_triangular(A, eye.expand_as(A), upper=False, unitriangular=True)
-        u, w = (inverse @ rhs).split((V, q.shape[-1]), dim=-1)
-        delta = u - w @ S  # [B, HV, C, V]
+        delta = v_n * b_n[..., None]  # without the delta correction (GLA)
+        if delta_rule:
+            A = (torch.einsum("bhid,bhijd->bhij", k_n, k_ratio) * b_n[..., None]).tril(-1)
+            rhs = torch.cat((delta, k_n * gamma_n.exp() * b_n[..., None]), dim=-1)
+            # Solving for the C x C inverse of (I + A) and multiplying is ~20x faster on CPU than solving for the
+            # wide right-hand side directly.
+            inverse = torch.linalg.solve_triangular(A, eye.expand_as(A), upper=False, unitriangular=True)
+            u, w = (inverse @ rhs).split((V, q.shape[-1]), dim=-1)
+            delta = u - w @ S  # [B, HV, C, V]
         attn = torch.einsum("bhid,bhijd->bhij", q_n, k_ratio)  # lower triangular incl. the diagonal
         o[:, :, n] = (q_n * gamma_n.exp()) @ S + attn @ delta
         k_to_end = k_n * (gamma_n[..., -1:, :] - gamma_n).exp()
@@ -205,8 +212,9 @@ def delta_rule_step_torch(
     state: torch.Tensor | None = None,
     scale: float | None = None,
     use_qk_l2norm: bool = True,
+    delta_rule: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One recurrent step of the (gated) delta rule, for decoding.
+    """One recurrent step of the (gated) delta rule (or, ``delta_rule=False``, linear attention), for decoding.
 
     Args:
         q: ``[B, H, K]``.
@@ -233,7 +241,8 @@ def delta_rule_step_torch(
     if g is not None:
         decay = g.to(dtype).exp()
         S = S * (decay[..., None] if decay.ndim == S.ndim - 1 else decay[..., None, None])
-    delta = beta[..., None] * (v - (k[..., None, :] @ S).squeeze(-2))  # b (v - S^T k): [B, HV, V]
+    # b (v - S^T k): [B, HV, V]; b v without the delta correction
+    delta = beta[..., None] * (v - (k[..., None, :] @ S).squeeze(-2) if delta_rule else v)
     S = S + k[..., :, None] * delta[..., None, :]
     o = ((scale * q[..., None, :]) @ S).squeeze(-2)  # S^T (scale q): [B, HV, V]
     return o, S
@@ -253,6 +262,7 @@ def _delta_rule(
     cu_seqlens: torch.Tensor | None,
     chunk_size: int,
     out_dtype: torch.dtype,
+    delta_rule: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Shared body of the fla-compatible entry points: state layout, packed sequences, step-vs-chunk choice."""
     if cu_seqlens is not None and q.shape[0] != 1:
@@ -264,9 +274,10 @@ def _delta_rule(
         if q.shape[1] == 1:  # decoding: a single recurrent step is much cheaper than the chunked form
             o, ht = delta_rule_step_torch(
                 q[:, 0], k[:, 0], v[:, 0], beta[:, 0], None if g is None else g[:, 0], h0, scale, use_qk_l2norm,
+                delta_rule,
             )
             return o[:, None], ht
-        return chunk_delta_rule_torch(q, k, v, beta, g, h0, True, scale, use_qk_l2norm, chunk_size)
+        return chunk_delta_rule_torch(q, k, v, beta, g, h0, True, scale, use_qk_l2norm, chunk_size, delta_rule)
 
     if cu_seqlens is None:
         o, final_state = run(q, k, v, beta, g, initial_state)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from staterank.backends import activations, conv, delta_product, delta_rule, kda, losses, norm
+from staterank.backends import activations, conv, delta_product, delta_rule, gla, kda, losses, norm
 
 # (owner: "module" or "module:Class", attribute, CPU implementation with the same signature)
 _PATCHES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
@@ -39,6 +39,9 @@ _PATCHES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     # KDA layer (fla kda): the gated delta rule with a decay per key channel, same mode choice.
     ('fla.layers.kda', 'chunk_kda', kda.chunk_kda),
     ('fla.layers.kda', 'fused_recurrent_kda', kda.fused_recurrent_kda),
+    # GLA layer (fla gla): gated linear attention, a decay per key channel and no delta correction.
+    ('fla.layers.gla', 'chunk_gla', gla.chunk_gla),
+    ('fla.layers.gla', 'fused_recurrent_gla', gla.fused_recurrent_gla),
     # Gated DeltaNet fuses the q/k/v convolutions into one call when no cache is involved.
     ('fla.layers.gated_deltanet', 'causal_conv1d', conv.causal_conv1d),
     ('fla.modules.causal_conv1d.ops:ShortConvolution', 'forward', conv.short_convolution_forward),
@@ -68,7 +71,7 @@ TORCH_KERNEL_CHOICES = ('none', 'delta_rule', 'all')
 _DELTA_RULE_ATTRIBUTES = frozenset(
     (
         'chunk_delta_rule', 'fused_recurrent_delta_rule', 'chunk_gated_delta_rule', 'fused_recurrent_gated_delta_rule',
-        'chunk_kda', 'fused_recurrent_kda', 'chunk_gated_delta_product',
+        'chunk_kda', 'fused_recurrent_kda', 'chunk_gated_delta_product', 'chunk_gla', 'fused_recurrent_gla',
     )
 )
 _torch_everywhere: frozenset[str] = frozenset()

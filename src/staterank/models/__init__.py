@@ -41,6 +41,7 @@ from staterank.models import (  # noqa: E402, F401
     delta_net,
     gated_deltanet,
     gated_deltaproduct,
+    gla,
     kda,
     kimi_linear,
     olmo_hybrid,

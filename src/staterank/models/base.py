@@ -91,6 +91,10 @@ class HeadFeatures:
     # [B, T, Hv]: g_t <= 0, the state is scaled by exp(g_t); [B, T, Hv, d_k] (KDA): row c of the state is
     # scaled by exp(g_t[c]), S_t = diag(exp(g_t)) S_{t-1} before the delta update; None: no decay
     log_decay: torch.Tensor | None
+    #: False: plain (gated) linear attention, S_t = a_t S_{t-1} + k_t v_t^T (beta unused), no delta correction
+    delta_rule: bool = True
+    #: whether the rule L2-normalises q and k first (the delta-rule families do; GLA does not)
+    qk_l2norm: bool = True
 
     @classmethod
     def from_projections(
@@ -103,6 +107,8 @@ class HeadFeatures:
         v: torch.Tensor,
         beta: torch.Tensor,
         log_decay: torch.Tensor | None,
+        delta_rule: bool = True,
+        qk_l2norm: bool = True,
     ) -> HeadFeatures:
         """Features from q, k ``[B, T, Hk * d_k]`` and v ``[B, T, Hv * d_v]`` as the layer's projections give
         them, split into heads; ``[B, T * n, ...]`` for n delta steps per token (Gated DeltaProduct)."""
@@ -115,6 +121,8 @@ class HeadFeatures:
             v.reshape(batch, -1, shape.num_v_heads, shape.head_v_dim),
             beta,
             log_decay,
+            delta_rule,
+            qk_l2norm,
         )
 
 

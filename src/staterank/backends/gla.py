@@ -1,0 +1,56 @@
+"""Gated linear attention (GLA) on CPU: fla's ``chunk_gla`` / ``fused_recurrent_gla`` over the shared recurrence.
+
+Per head, with ``a_t = exp(g_t)`` a vector over the K key channels::
+
+    S_t = diag(a_t) S_{t-1} + k_t v_t^T                         S_t: [K, V] ("key-first" layout)
+    o_t = S_t^T (scale * q_t)
+
+as ``fla.ops.gla.naive.naive_recurrent_gla`` computes it: the per-channel chunked rule of
+:mod:`staterank.backends.delta_rule` without its delta correction (``delta_rule=False``, write strength 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from staterank.backends.delta_rule import _delta_rule
+
+
+def chunk_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CPU version of ``fla.ops.gla.chunk_gla``: q, k, g ``[B, T, H, K]``, v ``[B, T, H, V]``, state ``[N, H, K, V]``
+    (``[N, H, V, K]`` with ``state_v_first``)."""
+    if q.shape[2] != v.shape[2]:
+        raise ValueError(f"GLA needs as many value heads as query heads, got {q.shape[2]} and {v.shape[2]}")
+    ones = torch.ones_like(v[..., 0], dtype=torch.promote_types(v.dtype, torch.float32))
+    return _delta_rule(
+        q, k, v, ones, g, initial_state, output_final_state, scale, False, state_v_first=state_v_first,
+        cu_seqlens=cu_seqlens, chunk_size=32, out_dtype=v.dtype, delta_rule=False,
+    )  # fmt: skip
+
+
+def fused_recurrent_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gk: torch.Tensor | None = None,
+    gv: torch.Tensor | None = None,
+    reverse: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CPU version of ``fla.ops.gla.fused_recurrent_gla`` (the keywords of :func:`chunk_gla`; ``gk`` is its ``g``)."""
+    if gv is not None or reverse:
+        raise NotImplementedError("the CPU GLA backend takes a key-channel decay (gk) only, forward in time")
+    if gk is None:
+        gk = torch.zeros_like(q)
+    return chunk_gla(q, k, v, gk, **kwargs)
