@@ -151,3 +151,15 @@ def randomise_linear_attention(adapter) -> None:
         torch.nn.init.normal_(mixer.dt_bias)
         norm = mixer.norm if hasattr(mixer, "norm") else mixer.o_norm  # OLMo Hybrid's is o_norm
         torch.nn.init.normal_(norm.weight, mean=1.0, std=0.2)
+
+
+@torch.no_grad()
+def decoded_logits(model, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Prefill ``prefill`` tokens with a cache, then feed the rest one token at a time: the logits [B, T, vocab]."""
+    out = model(input_ids=ids[:, :prefill], use_cache=True)
+    steps, cache = [out.logits], out.past_key_values
+    for t in range(prefill, ids.shape[1]):
+        out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        steps.append(out.logits)
+        cache = out.past_key_values
+    return torch.cat(steps, dim=1)

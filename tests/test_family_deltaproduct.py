@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import decoded_logits, logits
 from transformers import AutoModelForCausalLM
 
 from staterank.backends import chunk_delta_rule_torch
@@ -95,14 +96,8 @@ def test_fla_entry_point_handles_packed_sequences_and_l2_norm():
 def test_model_forward_equals_its_cached_step_decoding(one_thread):
     model = build()
     ids = torch.randint(0, 64, (2, 70), generator=torch.Generator().manual_seed(1))
-    full = model(input_ids=ids).logits  # chunk mode (> 64 tokens)
-    out = model(input_ids=ids[:, :9], use_cache=True)  # fused_recurrent mode
-    steps, cache = [out.logits], out.past_key_values
-    for t in range(9, ids.shape[1]):
-        out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-        steps.append(out.logits)
-        cache = out.past_key_values
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+    # chunk mode (> 64 tokens) against fused_recurrent mode (9 tokens, then one at a time)
+    torch.testing.assert_close(decoded_logits(model, ids, 9), logits(model, ids), rtol=1e-4, atol=1e-4)
 
 
 @torch.no_grad()

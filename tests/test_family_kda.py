@@ -16,7 +16,7 @@ import pytest
 import torch
 from fla.ops.kda.gate import naive_kda_gate, naive_kda_lowerbound_gate
 from fla.ops.kda.naive import naive_chunk_kda, naive_recurrent_kda
-from reference import cached_state_bytes, logits, reload_and_compare
+from reference import cached_state_bytes, decoded_logits, logits, reload_and_compare
 from transformers import AutoModelForCausalLM, KimiLinearConfig
 
 from staterank.backends.delta_rule import chunk_delta_rule_torch, delta_rule_step_torch, l2_norm
@@ -212,18 +212,6 @@ def kda_model():
 
 def ids(batch: int = 2, seq: int = 40) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
-
-
-@torch.no_grad()
-def decoded_logits(model, tokens: torch.Tensor, prefill: int) -> torch.Tensor:
-    """Prefill ``prefill`` tokens with a cache, then feed the rest one token at a time."""
-    out = model(input_ids=tokens[:, :prefill], use_cache=True)
-    steps, cache = [out.logits], out.past_key_values
-    for t in range(prefill, tokens.shape[1]):
-        out = model(input_ids=tokens[:, t : t + 1], past_key_values=cache, use_cache=True)
-        steps.append(out.logits)
-        cache = out.past_key_values
-    return torch.cat(steps, dim=1)
 
 
 def test_kimi_layout_and_cpu_route(kimi):

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
 from staterank.models import register
 from staterank.models.base import LayerShape
-from staterank.models.fla_common import FlaAdapter
+from staterank.models.fla_common import ExpandKSizes, FlaAdapter
 from staterank.models.per_layer import StaterankDeltaNetConfig
 
 
 @register
-class DeltaNetAdapter(FlaAdapter):
+class DeltaNetAdapter(ExpandKSizes, FlaAdapter):
     """Config: ``hidden_size``, ``num_heads``, ``expand_k``, ``expand_v`` (head_k_dim = hidden*expand_k/num_heads)."""
 
     family = "DeltaNet (flash-linear-attention)"
@@ -39,25 +37,3 @@ class DeltaNetAdapter(FlaAdapter):
         self._keep_key_heads(mixer, kept_k)
         self._keep_value_heads(mixer, kept_v)
         mixer.num_heads = len(kept_k)
-
-    def _set_head_k_dim(self, head_k_dim: int) -> None:
-        # key_dim = hidden_size * expand_k at the config's head count (the largest, for per-layer configs)
-        self.config.expand_k = self.config.num_heads * head_k_dim / self.config.hidden_size
-        for layer in self.linear_layers():
-            self.mixer(layer).expand_k = self.config.expand_k
-
-    def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict[str, Any]:
-        # the head dims are expand * hidden_size / num_heads: keep them by scaling expand_k, expand_v
-        shape = self.layer_shape(self.linear_layers()[0])
-        hidden = self.config.hidden_size
-        return {
-            "num_heads": num_k_heads,
-            "expand_k": num_k_heads * shape.head_k_dim / hidden,
-            "expand_v": num_v_heads * shape.head_v_dim / hidden,
-        }
-
-    def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
-        super()._set_head_counts(num_k_heads, num_v_heads)
-        for layer in self.linear_layers():
-            mixer = self.mixer(layer)
-            mixer.expand_k, mixer.expand_v = self.config.expand_k, self.config.expand_v

@@ -14,6 +14,7 @@ attention blocks, ``attn_state``: the key/value cache, which grows with every to
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -228,3 +229,29 @@ class FlaAdapter(ModelAdapter):
             if mixer.use_short_conv:
                 slice_conv_channels(getattr(mixer, f"{name}_conv1d"), key_rows)
         mixer.key_dim = mixer.head_k_dim * len(kept_k)
+
+
+class ExpandKSizes:
+    """Head sizes from ``expand_k`` / ``expand_v`` (DeltaNet, GLA): d = hidden_size * expand / num_heads."""
+
+    def _set_head_k_dim(self, head_k_dim: int) -> None:
+        # key_dim = hidden_size * expand_k at the config's head count (the largest, for per-layer configs)
+        self.config.expand_k = self.config.num_heads * head_k_dim / self.config.hidden_size
+        for layer in self.linear_layers():
+            self.mixer(layer).expand_k = self.config.expand_k
+
+    def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict[str, Any]:
+        # the head dims are expand * hidden_size / num_heads: keep them by scaling expand_k, expand_v
+        shape = self.layer_shape(self.linear_layers()[0])
+        hidden = self.config.hidden_size
+        return {
+            "num_heads": num_k_heads,
+            "expand_k": num_k_heads * shape.head_k_dim / hidden,
+            "expand_v": num_v_heads * shape.head_v_dim / hidden,
+        }
+
+    def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
+        super()._set_head_counts(num_k_heads, num_v_heads)
+        for layer in self.linear_layers():
+            mixer = self.mixer(layer)
+            mixer.expand_k, mixer.expand_v = self.config.expand_k, self.config.expand_v

@@ -13,8 +13,6 @@ state holds and keeping channels commutes with it. Query heads sharing key/value
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,11 +28,11 @@ from staterank.models.base import (
     slice_linear_columns,
     slice_linear_rows,
 )
-from staterank.models.fla_common import FlaAdapter, causal_depthwise_conv
+from staterank.models.fla_common import ExpandKSizes, FlaAdapter, causal_depthwise_conv
 
 
 @register
-class GlaAdapter(FlaAdapter):
+class GlaAdapter(ExpandKSizes, FlaAdapter):
     family = "GLA (flash-linear-attention)"
     model_types = ("gla",)
     layer_class_name = "GatedLinearAttention"
@@ -95,24 +93,3 @@ class GlaAdapter(FlaAdapter):
         mixer.num_heads = mixer.num_kv_heads = len(kept_v)
         mixer.value_dim = mixer.value_dim_per_group = mixer.head_v_dim * len(kept_v)
         mixer.key_dim_per_group = mixer.key_dim
-
-    def _set_head_k_dim(self, head_k_dim: int) -> None:
-        # key_dim = hidden_size * expand_k at the config's head count
-        self.config.expand_k = self.config.num_heads * head_k_dim / self.config.hidden_size
-        for layer in self.linear_layers():
-            self.mixer(layer).expand_k = self.config.expand_k
-
-    def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict[str, Any]:
-        shape = self.layer_shape(self.linear_layers()[0])
-        hidden = self.config.hidden_size
-        return {
-            "num_heads": num_k_heads,
-            "expand_k": num_k_heads * shape.head_k_dim / hidden,
-            "expand_v": num_v_heads * shape.head_v_dim / hidden,
-        }
-
-    def _set_head_counts(self, num_k_heads: int, num_v_heads: int) -> None:
-        super()._set_head_counts(num_k_heads, num_v_heads)
-        for layer in self.linear_layers():
-            mixer = self.mixer(layer)
-            mixer.expand_k, mixer.expand_v = self.config.expand_k, self.config.expand_v

@@ -154,6 +154,20 @@ def prune_channels(
     head_k_dim = dims.pop()
     new_dim = kept_dim(head_k_dim, ratio, align)
 
+    requested = requested_dim(head_k_dim, ratio)
+
+    def result(selections, calibration, **extra) -> ChannelPruningResult:
+        return ChannelPruningResult(
+            selections=selections,
+            head_k_dim_before=head_k_dim,
+            head_k_dim_after=new_dim,
+            calibration=calibration,
+            seconds=time.perf_counter() - start,
+            requested_k_dim=requested,
+            align=align if align is not None else default_align(head_k_dim, requested),
+            **extra,
+        )
+
     calibration = None
     generator = torch.Generator().manual_seed(seed)
     if criterion.trains:  # lottery: rounds of fine-tuning, magnitude scoring and rewinding
@@ -166,17 +180,7 @@ def prune_channels(
             loaded, criterion, head_k_dim, new_dim, sequences, opts.batch_size, seed, opts.progress, generator
         )
         adapter.keep_qk_channels({layer: s.index for layer, s in selections.items()})
-        return ChannelPruningResult(
-            selections=selections,
-            head_k_dim_before=head_k_dim,
-            head_k_dim_after=new_dim,
-            calibration=None,
-            seconds=time.perf_counter() - start,
-            requested_k_dim=requested_dim(head_k_dim, ratio),
-            align=align if align is not None else default_align(head_k_dim, requested_dim(head_k_dim, ratio)),
-            rounds=rounds,
-            calibration_tokens=int(sequences.numel()),
-        )
+        return result(selections, None, rounds=rounds, calibration_tokens=int(sequences.numel()))
     if criterion.needs:
         sequences = load_sequences(
             data, loaded.tokenizer, opts.seq_len, max_tokens=opts.calib_tokens, shuffle=True, seed=seed
@@ -196,14 +200,6 @@ def prune_channels(
         views = adapter.qk_weights(layer) + (adapter.qk_conv_weights(layer) or ())
         for view, values in zip(views, new, strict=True):
             view.copy_(values.to(view.dtype))
-    return ChannelPruningResult(
-        selections=selections,
-        head_k_dim_before=head_k_dim,
-        head_k_dim_after=new_dim,
-        calibration=calibration,
-        seconds=time.perf_counter() - start,
-        requested_k_dim=requested_dim(head_k_dim, ratio),
-        align=align if align is not None else default_align(head_k_dim, requested_dim(head_k_dim, ratio)),
-        rotated=bool(rotations),
-        calibration_tokens=calibration.tokens if calibration is not None else 0,
+    return result(
+        selections, calibration, rotated=bool(rotations), calibration_tokens=calibration.tokens if calibration else 0
     )
