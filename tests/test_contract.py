@@ -44,7 +44,14 @@ from staterank.models.per_layer import StaterankDeltaNetConfig, StaterankGatedDe
 from staterank.rank import states_at
 
 prepare_runtime("delta_net")  # registers fla's classes and routes every family's CPU work to PyTorch
-from fla.models import DeltaNetConfig, GatedDeltaNetConfig, GatedDeltaProductConfig, GLAConfig, KDAConfig  # noqa: E402
+from fla.models import (  # noqa: E402
+    DeltaNetConfig,
+    GatedDeltaNetConfig,
+    GatedDeltaProductConfig,
+    GLAConfig,
+    KDAConfig,
+    LinearAttentionConfig,
+)
 
 VOCAB = 64
 EPS = 1e-30  # the heads' output RMSNorm epsilon (fla: norm_eps, transformers: rms_norm_eps); see the docstring
@@ -91,6 +98,7 @@ FAMILIES = {
         **GATED_DELTANET, num_heads=2, num_householder=2, use_forget_gate=True, allow_neg_eigval=True
     ),
     "gla": lambda: GLAConfig(**DELTA_NET, expand_k=1.0, expand_v=1.0, use_short_conv=True),
+    "linear_attn": lambda: LinearAttentionConfig(**DELTA_NET, feature_map="relu", attn_mode="chunk"),
     # what `staterank prune --scope global` saves: layers with different head counts
     "staterank_delta_net": lambda: per_layer_heads(
         StaterankDeltaNetConfig, DeltaNetConfig(**DELTA_NET), {"0": [2, 2], "1": [4, 4]}

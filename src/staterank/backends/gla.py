@@ -1,4 +1,4 @@
-"""Gated linear attention (GLA) on CPU: fla's ``chunk_gla`` / ``fused_recurrent_gla`` over the shared recurrence.
+"""Gated and plain linear attention on CPU: fla's GLA and linear-attention entry points over the shared recurrence.
 
 Per head, with ``a_t = exp(g_t)`` a vector over the K key channels::
 
@@ -7,6 +7,7 @@ Per head, with ``a_t = exp(g_t)`` a vector over the K key channels::
 
 as ``fla.ops.gla.naive.naive_recurrent_gla`` computes it: the per-channel chunked rule of
 :mod:`staterank.backends.delta_rule` without its delta correction (``delta_rule=False``, write strength 1).
+Plain linear attention (``fla.ops.linear_attn``) is the same without a decay.
 """
 
 from __future__ import annotations
@@ -54,3 +55,33 @@ def fused_recurrent_gla(
     if gk is None:
         gk = torch.zeros_like(q)
     return chunk_gla(q, k, v, gk, **kwargs)
+
+
+def chunk_linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    normalize: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CPU version of ``fla.ops.linear_attn.chunk_linear_attn`` (and its fused forms): ``S_t = S_{t-1} + k_t
+    v_t^T``, state ``[N, H, K, V]``; the z-normalised form (``normalize=True``) is refused."""
+    if normalize:
+        raise NotImplementedError("the CPU linear-attention backend does not normalise by z (do_feature_map_norm)")
+    ones = torch.ones_like(v[..., 0], dtype=torch.promote_types(v.dtype, torch.float32))
+    return _delta_rule(
+        q, k, v, ones, None, initial_state, output_final_state, scale, False, state_v_first=False,
+        cu_seqlens=cu_seqlens, chunk_size=64, out_dtype=v.dtype, delta_rule=False,
+    )  # fmt: skip
+
+
+def fused_recurrent_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, reverse=False,
+                                **kwargs):  # fmt: skip
+    """CPU version of ``fla.ops.linear_attn.fused_recurrent_linear_attn`` (forward in time only)."""
+    if reverse:
+        raise NotImplementedError("the CPU linear-attention backend runs forward in time only")
+    return chunk_linear_attn(q, k, v, scale, initial_state, output_final_state, **kwargs)

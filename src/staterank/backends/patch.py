@@ -42,6 +42,10 @@ _PATCHES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     # GLA layer (fla gla): gated linear attention, a decay per key channel and no delta correction.
     ('fla.layers.gla', 'chunk_gla', gla.chunk_gla),
     ('fla.layers.gla', 'fused_recurrent_gla', gla.fused_recurrent_gla),
+    # LinearAttention layer (fla linear_attn): no decay, no delta correction.
+    ('fla.layers.linear_attn', 'chunk_linear_attn', gla.chunk_linear_attn),
+    ('fla.layers.linear_attn', 'fused_chunk_linear_attn', gla.chunk_linear_attn),
+    ('fla.layers.linear_attn', 'fused_recurrent_linear_attn', gla.fused_recurrent_linear_attn),
     # Gated DeltaNet fuses the q/k/v convolutions into one call when no cache is involved.
     ('fla.layers.gated_deltanet', 'causal_conv1d', conv.causal_conv1d),
     ('fla.modules.causal_conv1d.ops:ShortConvolution', 'forward', conv.short_convolution_forward),
@@ -72,6 +76,7 @@ _DELTA_RULE_ATTRIBUTES = frozenset(
     (
         'chunk_delta_rule', 'fused_recurrent_delta_rule', 'chunk_gated_delta_rule', 'fused_recurrent_gated_delta_rule',
         'chunk_kda', 'fused_recurrent_kda', 'chunk_gated_delta_product', 'chunk_gla', 'fused_recurrent_gla',
+        'chunk_linear_attn', 'fused_chunk_linear_attn', 'fused_recurrent_linear_attn',
     )
 )
 _torch_everywhere: frozenset[str] = frozenset()

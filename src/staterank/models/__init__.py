@@ -44,6 +44,7 @@ from staterank.models import (  # noqa: E402, F401
     gla,
     kda,
     kimi_linear,
+    linear_attn,
     olmo_hybrid,
     qwen3_5,
     qwen3_next,
