@@ -21,7 +21,7 @@ def chunk_gla(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    g: torch.Tensor,
+    g: torch.Tensor | None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -30,7 +30,7 @@ def chunk_gla(
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CPU version of ``fla.ops.gla.chunk_gla``: q, k, g ``[B, T, H, K]``, v ``[B, T, H, V]``, state ``[N, H, K, V]``
-    (``[N, H, V, K]`` with ``state_v_first``)."""
+    (``[N, H, V, K]`` with ``state_v_first``); ``g=None`` is plain linear attention, with no decay."""
     if q.shape[2] != v.shape[2]:
         raise ValueError(f"GLA needs as many value heads as query heads, got {q.shape[2]} and {v.shape[2]}")
     ones = torch.ones_like(v[..., 0], dtype=torch.promote_types(v.dtype, torch.float32))
@@ -52,8 +52,6 @@ def fused_recurrent_gla(
     """CPU version of ``fla.ops.gla.fused_recurrent_gla`` (the keywords of :func:`chunk_gla`; ``gk`` is its ``g``)."""
     if gv is not None or reverse:
         raise NotImplementedError("the CPU GLA backend takes a key-channel decay (gk) only, forward in time")
-    if gk is None:
-        gk = torch.zeros_like(q)
     return chunk_gla(q, k, v, gk, **kwargs)
 
 
@@ -72,11 +70,7 @@ def chunk_linear_attn(
     v_t^T``, state ``[N, H, K, V]``; the z-normalised form (``normalize=True``) is refused."""
     if normalize:
         raise NotImplementedError("the CPU linear-attention backend does not normalise by z (do_feature_map_norm)")
-    ones = torch.ones_like(v[..., 0], dtype=torch.promote_types(v.dtype, torch.float32))
-    return _delta_rule(
-        q, k, v, ones, None, initial_state, output_final_state, scale, False, state_v_first=False,
-        cu_seqlens=cu_seqlens, chunk_size=64, out_dtype=v.dtype, delta_rule=False,
-    )  # fmt: skip
+    return chunk_gla(q, k, v, None, scale, initial_state, output_final_state, cu_seqlens=cu_seqlens)
 
 
 def fused_recurrent_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, reverse=False,

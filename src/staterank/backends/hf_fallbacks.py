@@ -86,9 +86,8 @@ def _gpu_op(function_name: str, chosen: Callable) -> Callable:
     """What GPU inputs run: fla's Triton convolution where transformers would fall back to PyTorch for want of the
     ``causal-conv1d`` package, else what transformers chose."""
     fla_ops = {"causal_conv1d_fn": fla_causal_conv1d_fn, "causal_conv1d_update": fla_causal_conv1d_update}
-    if function_name not in fla_ops or importlib.util.find_spec("causal_conv1d") is not None:
-        return chosen
-    if importlib.util.find_spec("fla") is None:
+    has = importlib.util.find_spec
+    if function_name not in fla_ops or has("causal_conv1d") is not None or has("fla") is None:
         return chosen
     return functools.wraps(chosen)(fla_ops[function_name])
 
