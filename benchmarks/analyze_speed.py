@@ -12,7 +12,7 @@ fewer of them if asked), saves it with the bundled tokenizer, then:
    difference of the others).
 
     python benchmarks/analyze_speed.py --shapes deltanet-1.3B --samples 8 --seq-len 2048 --out DIR
-    python benchmarks/analyze_speed.py --shapes qwen3-next-80B --layers 12 --samples 2 --out DIR
+    python benchmarks/analyze_speed.py --shapes qwen3-next-80B --experts 32 --samples 8 --check-layers 6 --out DIR
 """
 
 from __future__ import annotations
@@ -43,12 +43,17 @@ SHAPES = {
 }
 
 
-def build(shapes: str, layers: int | None, directory: Path, device: str) -> Path:
+def build(shapes: str, layers: int | None, experts: int | None, directory: Path, device: str) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = dict(SHAPES[shapes])
     prepare_runtime(fields["model_type"])
     config = AutoConfig.for_model(**fields)
+    if experts is not None:  # the routed experts' count does not change a linear-attention layer or the state
+        if not hasattr(config, "num_experts"):
+            raise SystemExit(f"--experts: {shapes} has no experts")
+        config.num_experts = experts
+        config.num_experts_per_tok = min(config.num_experts_per_tok, experts)
     if layers is not None:
         config.num_hidden_layers = layers
         if getattr(config, "layer_types", None) is not None:
@@ -76,6 +81,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="deltanet-1.3B")
     parser.add_argument("--layers", type=int, help="fewer layers than the published model (say so when reporting)")
+    parser.add_argument("--experts", type=int, help="fewer routed experts than the published model (say so)")
+    parser.add_argument("--check-layers", type=int, help="check the metrics on this many layers only (default all)")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--skip-command", action="store_true", help="only the in-process timings and profile")
@@ -94,9 +101,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp())
-    model_dir = build(args.shapes, args.layers, work / "model", args.device)
-    result: dict = {"shapes": args.shapes, "layers": args.layers, "samples": args.samples, "seq_len": args.seq_len,
-                    "device": torch.cuda.get_device_name() if cuda else "cpu"}  # fmt: skip
+    model_dir = build(args.shapes, args.layers, args.experts, work / "model", args.device)
+    result: dict = {"shapes": args.shapes, "layers": args.layers, "experts": args.experts, "samples": args.samples,
+                    "seq_len": args.seq_len, "device": torch.cuda.get_device_name() if cuda else "cpu"}  # fmt: skip
 
     if not args.skip_command:
         cache = work / "triton-cache"
@@ -135,7 +142,7 @@ def main() -> int:
     with torch.no_grad(), loaded.adapter.tap(lambda f: features.__setitem__(f.layer, f)):
         loaded.model(input_ids=one.to(args.device))
     worst = {"effective_rank_mismatches": 0, "states": 0}
-    for f in features.values():
+    for f in list(features.values())[: args.check_layers]:
         states = states_at(f, positions).float()
         fast = spectral_metrics(states)
         sigma = torch.linalg.svdvals(states.double())

@@ -17,6 +17,7 @@ from staterank.rank import (
     log_positions,
     mean_pairwise_spearman,
     spearman,
+    singular_values_of,
     spectral_metrics,
     split_groups,
     states_at,
@@ -115,6 +116,24 @@ def test_metrics_of_known_spectrum():
         assert flat["nuclear_norm"][i].item() == pytest.approx(scale * total, rel=1e-12)
     for name, value in flat.items():
         assert torch.all(value[3] == 0), name
+
+
+def test_singular_values_of_batches_of_mixed_shapes():
+    # batches of 8 x 6 and 4 x 6 matrices, interleaved and of different batch shapes, with spectra set by hand
+    g = torch.Generator().manual_seed(5)
+
+    def known(spectra: torch.Tensor, d_k: int, d_v: int) -> torch.Tensor:
+        flat = [orthonormal(d_k, len(s), g) @ torch.diag(s) @ orthonormal(d_v, len(s), g).T for s in spectra]
+        return torch.stack(flat)
+
+    spectra = [torch.rand(12, 4, generator=g, dtype=torch.float64).sort(-1, descending=True).values for _ in range(3)]
+    spectra[1][:, 2:] = 0.0  # rank 2
+    batches = [known(spectra[0], 8, 6).reshape(3, 4, 8, 6), known(spectra[1], 4, 6), known(spectra[2], 8, 6)]
+    sigmas = singular_values_of(batches)
+    assert [s.shape for s in sigmas] == [(3, 4, 6), (12, 4), (12, 6)]  # min(d_k, d_v) values each
+    for sigma, expected in zip(sigmas, spectra, strict=True):
+        padded = F.pad(expected, (0, sigma.shape[-1] - 4))  # an 8 x 6 matrix of rank <= 4 has two zeros more
+        torch.testing.assert_close(sigma.reshape(12, -1), padded, atol=1e-12, rtol=1e-12)
 
 
 def test_metrics_effective_rank_threshold_and_float32():

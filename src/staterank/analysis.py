@@ -4,8 +4,9 @@ Attention LLMs", 2026).
 
 For every sample, every linear-attention layer and every (value) head, the state S_t is rebuilt
 from the model's own q, k, v, beta and decay (the adapter's feature tap) at the requested
-positions, chunk-wise with matrix products, and its singular values are taken in one batched call
-on the model's device. Nothing but per-position metrics and final spectra is kept.
+positions, chunk-wise with matrix products on the model's device; the singular values of every layer's
+states of a batch are then taken at once on the host (LAPACK, threaded; see :func:`staterank.rank.singular_values`).
+Nothing but per-position metrics and final spectra is kept.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from staterank.rank import (
     decided_at,
     log_positions,
     mean_pairwise_spearman,
+    metrics_from_singular_values,
+    singular_values_of,
     spearman,
-    spectral_metrics,
     split_groups,
     states_at,
 )
@@ -98,19 +100,21 @@ def collect_metrics(
     device = input_device(loaded.model)
     batches = distributed.shard_batches(sequences, batch_size, "analysis")
     mine: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # batch index -> layer -> metric [P, B, Hv, ...]
-    current: dict[int, dict[str, torch.Tensor]] = {}  # layer -> metric, for the batch running now
+    current: dict[int, torch.Tensor] = {}  # layer -> states [P, B, Hv, d_k, d_v], for the batch running now
 
     def collect(features: HeadFeatures) -> None:
-        states = states_at(features, positions)  # [P, B, Hv, d_k, d_v]
-        metrics = spectral_metrics(states.float(), eps)
-        current[features.layer] = {name: value.cpu() for name, value in metrics.items()}
+        # [P, B, Hv, d_k, d_v]; to the host, where the singular values of all layers are taken at once
+        current[features.layer] = states_at(features, positions).float().cpu()
 
     shown = progress and distributed.is_main()
     bar = tqdm(total=sum(batch.shape[0] for _, batch in batches), unit="seq", desc=desc, disable=not shown)
     with distributed.together(), torch.no_grad(), adapter.tap(collect):
         for index, batch in batches:
+            current.clear()
             loaded.model(input_ids=batch.to(device))
-            mine[index] = dict(current)
+            layers = list(current)
+            sigmas = singular_values_of([current[layer] for layer in layers])
+            mine[index] = {layer: metrics_from_singular_values(s, eps) for layer, s in zip(layers, sigmas, strict=True)}
             bar.update(batch.shape[0])
     bar.close()
     everyone = {i: layers for part in distributed.gather_objects(mine) for i, layers in part.items()}

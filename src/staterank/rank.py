@@ -114,6 +114,25 @@ def singular_values(matrices: torch.Tensor) -> torch.Tensor:
     return sigma.reshape(*host.shape[:-2], -1).to(matrices.device)
 
 
+def singular_values_of(batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`singular_values` of several batches of matrices at once, e.g. every layer's states of a sample.
+
+    Batches whose matrices have the same shape go through one threaded call, so that many small batches (one
+    layer's states: 12 positions x 16 heads at fla-hub's 1.3B shapes) still use every thread; the result is the
+    list of each batch's singular values, as :func:`singular_values` would give them one by one.
+    """
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, matrices in enumerate(batches):
+        by_shape.setdefault(tuple(matrices.shape[-2:]), []).append(i)
+    result: list[torch.Tensor] = [torch.empty(0)] * len(batches)
+    for indices in by_shape.values():
+        flat = [batches[i].reshape(-1, *batches[i].shape[-2:]) for i in indices]
+        sigma = singular_values(torch.cat(flat) if len(flat) > 1 else flat[0])
+        for i, part in zip(indices, sigma.split([len(f) for f in flat]), strict=True):
+            result[i] = part.reshape(*batches[i].shape[:-2], -1)
+    return result
+
+
 def spectral_metrics(states: torch.Tensor, eps: float = 1e-4) -> dict[str, torch.Tensor]:
     """Rank measures of a batch of states from their singular values sigma_1 >= sigma_2 >= ... >= 0.
 
@@ -122,7 +141,19 @@ def spectral_metrics(states: torch.Tensor, eps: float = 1e-4) -> dict[str, torch
         eps: relative threshold of the effective rank.
 
     Returns:
-        A dict of tensors ``[...]`` on the states' device and in their (promoted) dtype, so that
+        :func:`metrics_from_singular_values` of the states' singular values.
+    """
+    if states.ndim < 2:
+        raise ValueError(f"states must be matrices [..., d_k, d_v], got shape {tuple(states.shape)}")
+    states = states.to(torch.promote_types(states.dtype, torch.float32))
+    return metrics_from_singular_values(singular_values(states).to(states.dtype), eps)
+
+
+def metrics_from_singular_values(sigma: torch.Tensor, eps: float = 1e-4) -> dict[str, torch.Tensor]:
+    """Rank measures from singular values ``[..., r]``, descending (see :func:`spectral_metrics`).
+
+    Returns:
+        A dict of tensors ``[...]`` on the singular values' device and in their dtype, so that
         metrics stack and average alike:
 
         - ``effective_rank``: #{i : sigma_i > eps * sigma_1} (a whole number);
@@ -131,12 +162,8 @@ def spectral_metrics(states: torch.Tensor, eps: float = 1e-4) -> dict[str, torch
         - ``entropy_rank``: exp(-sum_i p_i log p_i) with p_i = sigma_i / sum_j sigma_j (0 log 0 = 0);
         - ``nuclear_norm``: sum_i sigma_i;
 
-        every one 0 for an all-zero state; and ``singular_values`` ``[..., min(d_k, d_v)]``, descending.
+        every one 0 for an all-zero state; and ``singular_values`` ``[..., r]`` themselves.
     """
-    if states.ndim < 2:
-        raise ValueError(f"states must be matrices [..., d_k, d_v], got shape {tuple(states.shape)}")
-    states = states.to(torch.promote_types(states.dtype, torch.float32))
-    sigma = singular_values(states).to(states.dtype)
     top = sigma[..., 0]
     nonzero = top > 0
     # Dividing by 1 where the state is zero keeps the ratios finite; torch.where then sets them to 0.
