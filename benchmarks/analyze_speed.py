@@ -1,15 +1,19 @@
-"""`staterank analyze` at published shapes: the whole command on a fresh process, per-sample time, a profile.
+"""`staterank analyze` at published shapes: where the time goes, per-sample time, and the whole command fresh.
 
 Builds a random model with published shapes (DeltaNet at fla-hub's 1.3B, or Qwen3-Next-80B's linear layers,
-fewer of them if asked), saves it with the bundled tokenizer, then:
+with fewer layers or routed experts if asked: say so), saves it with the bundled tokenizer, then, in this
+process with an empty Triton cache:
 
-1. runs ``staterank analyze`` on it in a fresh process twice, first with an empty Triton cache (what a fresh
-   machine pays, compilation included) and then with the cache the first run filled, and reports both wall times;
-2. in this process, after one warm-up sample, times the analysis of ``--samples`` sequences one by one and
-   profiles one of them with torch.profiler (the operators that take the most time, GPU and host);
-3. checks that the metrics (staterank's threaded LAPACK SVD of the float32 states) equal those of torch's SVD
-   of the states in float64 on the GPU, on every state of one sample (effective ranks; the largest relative
-   difference of the others).
+1. the first sample under cProfile: its wall time and how much of it is Triton compiling and autotuning;
+2. each of ``--samples`` sequences timed one by one, with the singular values taken on the GPU (the default,
+   :func:`staterank.rank.gram_singular_values`) and again on the host (threaded LAPACK), and one sample split
+   into its phases (the model's forward with the feature tap, the state reconstruction, the singular values);
+3. one sample under torch.profiler (the operators that take the most time, GPU and host);
+4. the metrics against torch's SVD of the same states in float64 on the CPU (effective ranks must be equal;
+   the largest relative difference of the others), on ``--check-layers`` layers of one sample;
+
+and finally ``staterank analyze`` in a fresh process twice, first with an empty Triton cache (what a fresh
+machine pays, compilation included) and then with the cache that run filled.
 
     python benchmarks/analyze_speed.py --shapes deltanet-1.3B --samples 8 --seq-len 2048 --out DIR
     python benchmarks/analyze_speed.py --shapes qwen3-next-80B --experts 32 --samples 8 --check-layers 6 --out DIR
@@ -18,8 +22,11 @@ fewer of them if asked), saves it with the bundled tokenizer, then:
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import shutil
 import subprocess
 import sys
@@ -27,11 +34,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+if __name__ == "__main__":  # before Triton is imported: the in-process runs start from an empty cache
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="triton-cache-"))
 
-from staterank.analysis import collect_metrics
-from staterank.loading import load, prepare_runtime
-from staterank.rank import log_positions, spectral_metrics, states_at
+import torch  # noqa: E402
+
+from staterank import analysis, rank  # noqa: E402
+from staterank.analysis import collect_metrics  # noqa: E402
+from staterank.loading import load, prepare_runtime  # noqa: E402
+from staterank.rank import log_positions, spectral_metrics, states_at  # noqa: E402
 
 SHAPES = {
     "deltanet-1.3B": dict(
@@ -105,29 +116,78 @@ def main() -> int:
     result: dict = {"shapes": args.shapes, "layers": args.layers, "experts": args.experts, "samples": args.samples,
                     "seq_len": args.seq_len, "device": torch.cuda.get_device_name() if cuda else "cpu"}  # fmt: skip
 
-    if not args.skip_command:
-        cache = work / "triton-cache"
-        for run, directory in (("fresh", "a"), ("warm", "b")):
-            seconds = command_seconds(model_dir, args.samples, args.seq_len, work / directory, cache, args.device)
-            result[f"command_seconds_{run}"] = seconds
+    def report() -> None:
         print(json.dumps(result), flush=True)
+        (out / f"analyze-{args.shapes}.json").write_text(json.dumps(result, indent=2))
 
     from staterank.data import load_sequences
 
+    start = time.perf_counter()
     loaded = load(model_dir, device=args.device, dtype=torch.bfloat16 if cuda else torch.float32)
+    synchronize()
+    result["load_seconds"] = time.perf_counter() - start
     sequences = load_sequences("techdocs-val", loaded.tokenizer, args.seq_len, max_tokens=args.seq_len * args.samples)
     positions = log_positions(args.seq_len)
     one = sequences[:1]
-    collect_metrics(loaded, one, positions, 1e-4, 1, False, "")  # warm-up: kernels, cuSOLVER, allocator
-    per_sample = []
-    for i in range(len(sequences)):
+
+    def sample(i: int) -> float:
         synchronize()
-        start = time.perf_counter()
+        begin = time.perf_counter()
         collect_metrics(loaded, sequences[i : i + 1], positions, 1e-4, 1, False, "")
         synchronize()
-        per_sample.append(time.perf_counter() - start)
-    result["per_sample_seconds"] = per_sample
+        return time.perf_counter() - begin
 
+    # 1. the first sample, compilation included
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result["first_sample_seconds"] = sample(0)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    result["first_sample_triton_compile_seconds"] = sum(
+        entry[3] for (path, _, name), entry in stats.stats.items() if path.endswith("triton/compiler/compiler.py")
+        and name == "compile"
+    )  # fmt: skip
+    result["first_sample_autotune_seconds"] = sum(
+        entry[3] for (path, _, name), entry in stats.stats.items() if path.endswith("triton/runtime/autotuner.py")
+        and name == "run"
+    )  # fmt: skip
+    listing = io.StringIO()
+    pstats.Stats(profiler, stream=listing).sort_stats("cumulative").print_stats(40)
+    (out / f"first-sample-{args.shapes}.txt").write_text(listing.getvalue())
+    report()
+
+    # 2. every sample, singular values on the device (the default) and on the host
+    result["per_sample_seconds"] = [sample(i) for i in range(len(sequences))]
+    on_host = analysis.singular_values_of
+    analysis.singular_values_of = lambda batches: on_host([b.cpu() for b in batches])
+    try:
+        result["per_sample_seconds_host_svd"] = [sample(i) for i in range(len(sequences))]
+    finally:
+        analysis.singular_values_of = on_host
+    report()
+
+    features = {}
+    synchronize()
+    begin = time.perf_counter()
+    with torch.no_grad(), loaded.adapter.tap(lambda f: features.__setitem__(f.layer, f)):
+        loaded.model(input_ids=one.to(args.device))
+    synchronize()
+    phases = {"forward_with_tap": time.perf_counter() - begin}
+    begin = time.perf_counter()
+    states = [states_at(f, positions).float() for f in features.values()]
+    synchronize()
+    phases["states"] = time.perf_counter() - begin
+    for name, route in (("singular_values_device", rank.singular_values_of),
+                        ("singular_values_host", lambda b: rank.singular_values_of([x.cpu() for x in b]))):  # fmt: skip
+        begin = time.perf_counter()
+        route(states)
+        synchronize()
+        phases[name] = time.perf_counter() - begin
+    result["one_sample_phases_seconds"] = phases
+    result["states_per_sample"] = sum(x[..., 0, 0].numel() for x in states)
+    report()
+
+    # 3. a torch.profiler table of one sample
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
@@ -137,25 +197,29 @@ def main() -> int:
     table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     (out / f"profile-{args.shapes}.txt").write_text(table + "\n\n" + table_cpu)
 
-    # the metrics against torch's SVD of the same states in float64 on the device, every state of one sample
-    features = {}
-    with torch.no_grad(), loaded.adapter.tap(lambda f: features.__setitem__(f.layer, f)):
-        loaded.model(input_ids=one.to(args.device))
+    # 4. the metrics against torch's float64 SVD on the CPU
     worst = {"effective_rank_mismatches": 0, "states": 0}
-    for f in list(features.values())[: args.check_layers]:
-        states = states_at(f, positions).float()
-        fast = spectral_metrics(states)
-        sigma = torch.linalg.svdvals(states.double())
+    for state in states[: args.check_layers]:
+        fast = spectral_metrics(state)
+        sigma = torch.linalg.svdvals(state.double().cpu())
         exact = {"effective_rank": (sigma > 1e-4 * sigma[..., :1]).sum(-1).double(), "nuclear_norm": sigma.sum(-1),
                  "stable_rank": sigma.square().sum(-1) / sigma[..., 0].square().clamp_min(1e-300)}  # fmt: skip
-        worst["effective_rank_mismatches"] += int((fast["effective_rank"].double() != exact["effective_rank"]).sum())
+        fast = {name: value.double().cpu() for name, value in fast.items()}
+        worst["effective_rank_mismatches"] += int((fast["effective_rank"] != exact["effective_rank"]).sum())
         worst["states"] += exact["effective_rank"].numel()
         for name in ("nuclear_norm", "stable_rank"):
-            diff = ((fast[name].double() - exact[name]).abs() / exact[name].abs().clamp_min(1e-30)).max().item()
+            diff = ((fast[name] - exact[name]).abs() / exact[name].abs().clamp_min(1e-30)).max().item()
             worst[name] = max(worst.get(name, 0.0), diff)
     result["metrics_against_float64_svd"] = worst
-    print(json.dumps(result, indent=2), flush=True)
-    (out / f"analyze-{args.shapes}.json").write_text(json.dumps(result, indent=2))
+    report()
+
+    # 5. the whole command in fresh processes: an empty Triton cache, then the one it filled
+    if not args.skip_command:
+        cache = work / "triton-cache-command"
+        for run, directory in (("fresh", "a"), ("warm", "b")):
+            seconds = command_seconds(model_dir, args.samples, args.seq_len, work / directory, cache, args.device)
+            result[f"command_seconds_{run}"] = seconds
+            report()
     return 0
 
 

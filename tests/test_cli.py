@@ -153,3 +153,15 @@ def test_info_for_every_family(model_type, model_dir, tmp_path, capsys):
         assert info["layers"][1] == {"layer": 1, "num_k_heads": 2, "num_v_heads": 4, "head_k_dim": 8, "head_v_dim": 8}
     assert main(["evaluate", str(tmp_path), "--data", "techdocs-val", "--max-tokens", "200", "--seq-len", "50"]) == 0
     assert "perplexity" in capsys.readouterr().out
+
+
+def test_package_functions_stay_functions_whatever_is_imported_first():
+    # a submodule named like an API function would replace it on the package once imported (staterank.evaluate did)
+    code = (
+        "import staterank.commands, staterank.bench, staterank.analysis\n"
+        "import staterank\n"
+        "names = [n for n in staterank._API if not callable(getattr(staterank, n))]\n"
+        "assert not names, names\n"
+        "assert all(getattr(staterank, n) is getattr(staterank, n) for n in staterank._API)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from reference import tiny_config
 from transformers import AutoModelForCausalLM
 
-from staterank import evaluate
+from staterank import evaluation as evaluate
 from staterank.data import read_documents, token_stream
 from staterank.errors import StaterankError
 from staterank.loading import LoadedModel, prepare_runtime

@@ -5,7 +5,8 @@ Attention LLMs", 2026).
 For every sample, every linear-attention layer and every (value) head, the state S_t is rebuilt
 from the model's own q, k, v, beta and decay (the adapter's feature tap) at the requested
 positions, chunk-wise with matrix products on the model's device; the singular values of every layer's
-states of a batch are then taken at once on the host (LAPACK, threaded; see :func:`staterank.rank.singular_values`).
+states of a batch are then taken at once (:func:`staterank.rank.singular_values`: a batched float64 eigensolver
+on a GPU, threaded LAPACK on the CPU).
 Nothing but per-position metrics and final spectra is kept.
 """
 
@@ -103,8 +104,7 @@ def collect_metrics(
     current: dict[int, torch.Tensor] = {}  # layer -> states [P, B, Hv, d_k, d_v], for the batch running now
 
     def collect(features: HeadFeatures) -> None:
-        # [P, B, Hv, d_k, d_v]; to the host, where the singular values of all layers are taken at once
-        current[features.layer] = states_at(features, positions).float().cpu()
+        current[features.layer] = states_at(features, positions).float()  # [P, B, Hv, d_k, d_v]
 
     shown = progress and distributed.is_main()
     bar = tqdm(total=sum(batch.shape[0] for _, batch in batches), unit="seq", desc=desc, disable=not shown)
@@ -114,7 +114,10 @@ def collect_metrics(
             loaded.model(input_ids=batch.to(device))
             layers = list(current)
             sigmas = singular_values_of([current[layer] for layer in layers])
-            mine[index] = {layer: metrics_from_singular_values(s, eps) for layer, s in zip(layers, sigmas, strict=True)}
+            mine[index] = {
+                layer: {name: value.cpu() for name, value in metrics_from_singular_values(sigma, eps).items()}
+                for layer, sigma in zip(layers, sigmas, strict=True)
+            }
             bar.update(batch.shape[0])
     bar.close()
     everyone = {i: layers for part in distributed.gather_objects(mine) for i, layers in part.items()}

@@ -8,8 +8,7 @@ import os
 
 import torch
 
-from staterank import distributed, layout
-from staterank import evaluate as evaluation
+from staterank import distributed, evaluation, layout
 from staterank.errors import StaterankError
 from staterank.io import check_output, output_dir, write_json
 from staterank.loading import LoadedModel, load

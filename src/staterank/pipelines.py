@@ -52,7 +52,7 @@ class Study:
 def measure(model: Model, study: Study, run_dir: Path | None = None) -> dict[str, Any]:
     """Perplexity on every corpus, the recall probe and the state of MODEL; each evaluation is written into
     ``run_dir`` (as ``staterank evaluate --out`` writes it) when one is given."""
-    from staterank import evaluate as evaluation
+    from staterank import evaluation
 
     loaded = commands.load_model(model, device=study.device, dtype=study.dtype)  # a LoadedModel passes through
     ppl = {}

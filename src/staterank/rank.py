@@ -94,21 +94,46 @@ def states_at(
 def singular_values(matrices: torch.Tensor) -> torch.Tensor:
     """Singular values ``[..., min(m, n)]``, descending, of a batch of matrices ``[..., m, n]``, on their device.
 
-    Computed by LAPACK's divide-and-conquer SVD on the CPU, one chunk of the batch per thread: torch's batched
-    SVD runs its matrices one after another (on 2 cores, 1,152 states of 128 x 128 take 0.62 s in one call and
-    0.31 s in two threads). Inputs on a GPU take the same way: there torch makes one cuSOLVER call per matrix once
-    matrices are larger than 32 x 32, 12 positions x 384 heads = 4,608 calls per sample at fla-hub's 1.3B shapes,
-    seconds of host-bound work; cuSOLVER's batched ``gesvda`` is no way out, since it failed to converge on such
-    states (error 77: rank-deficient, repeated zero singular values) and resolves singular values only to about
-    sqrt(machine epsilon) x sigma_1. LAPACK converges on every state and resolves them to about machine epsilon x
-    sigma_1.
+    On a GPU: the square roots of the eigenvalues of the Gram matrices (``M^T M`` or ``M M^T``, whichever is
+    smaller) formed in float64, in one batched symmetric eigensolver call (:func:`gram_singular_values`). On the
+    CPU: LAPACK's divide-and-conquer SVD, one chunk of the batch per thread (:func:`lapack_singular_values`).
+    """
+    if matrices.device.type == "cuda":
+        return gram_singular_values(matrices)
+    return lapack_singular_values(matrices)
+
+
+def gram_singular_values(matrices: torch.Tensor) -> torch.Tensor:
+    """Singular values as the square roots of the Gram matrices' eigenvalues, computed in float64.
+
+    torch's CUDA SVD makes one cuSOLVER call per matrix larger than 32 x 32 (4,608 calls per sample at fla-hub's
+    1.3B shapes, seconds of host-bound work), and cuSOLVER's batched ``gesvda`` failed on such states (error 77:
+    rank-deficient, repeated zero singular values); its batched symmetric eigensolver takes the whole batch.
+    Squaring the spectrum costs no accuracy that matters here because the Gram matrix is formed and solved in
+    float64: an eigenvalue is resolved to about ``r * 1e-16 * sigma_1^2``, so a singular value at the effective-rank
+    threshold ``1e-4 * sigma_1`` (eigenvalue ``1e-8 * sigma_1^2``) keeps a relative error near 1e-6, where a float32
+    SVD resolves singular values to about ``1e-7 * sigma_1``, 1e-3 of such a value. The result is in the matrices'
+    dtype (float32 at least).
+    """
+    x = matrices.detach().to(torch.float64)
+    gram = x.mT @ x if x.shape[-1] <= x.shape[-2] else x @ x.mT
+    eigenvalues = torch.linalg.eigvalsh(gram)  # ascending
+    dtype = torch.promote_types(matrices.dtype, torch.float32)
+    return eigenvalues.flip(-1).clamp_min(0).sqrt().to(dtype)
+
+
+def lapack_singular_values(matrices: torch.Tensor) -> torch.Tensor:
+    """Singular values by LAPACK's SVD on the CPU, one chunk of the batch per thread, returned on the input's device.
+
+    torch's batched CPU SVD runs its matrices one after another; the LAPACK calls release the GIL, so threads run
+    the chunks side by side (on 2 cores, 1,152 states of 128 x 128 take 0.62 s in one call and 0.31 s in two).
     """
     host = matrices.detach().cpu()
     flat = host.reshape(-1, *host.shape[-2:])
     workers = max(1, min(torch.get_num_threads(), len(flat) // 64))
     if workers == 1:
         sigma = torch.linalg.svdvals(flat)
-    else:  # the LAPACK calls release the GIL: one chunk of the batch per thread
+    else:
         with ThreadPoolExecutor(workers) as pool:
             sigma = torch.cat(list(pool.map(torch.linalg.svdvals, flat.chunk(workers))))
     return sigma.reshape(*host.shape[:-2], -1).to(matrices.device)
