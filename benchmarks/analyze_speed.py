@@ -5,15 +5,16 @@ with fewer layers or routed experts if asked: say so), saves it with the bundled
 process with an empty Triton cache:
 
 1. the first sample under cProfile: its wall time and how much of it is Triton compiling and autotuning;
-2. each of ``--samples`` sequences timed one by one, with the singular values taken on the GPU (the default,
-   :func:`staterank.rank.gram_singular_values`) and again on the host (threaded LAPACK), and one sample split
-   into its phases (the model's forward with the feature tap, the state reconstruction, the singular values);
+2. each of ``--samples`` sequences timed one by one, and one sample split into its phases (the model's forward
+   with the feature tap, the state reconstruction, the singular values);
 3. one sample under torch.profiler (the operators that take the most time, GPU and host);
 4. the metrics against torch's SVD of the same states in float64 on the CPU (effective ranks must be equal;
    the largest relative difference of the others), on ``--check-layers`` layers of one sample;
 
 and finally ``staterank analyze`` in a fresh process twice, first with an empty Triton cache (what a fresh
-machine pays, compilation included) and then with the cache that run filled.
+machine pays, compilation included) and then with the cache that run filled; with ``--torch-kernels`` those two
+run with ``STATERANK_TORCH_KERNELS=all`` (staterank's PyTorch kernels instead of fla's Triton ones: nothing to
+compile).
 
     python benchmarks/analyze_speed.py --shapes deltanet-1.3B --samples 8 --seq-len 2048 --out DIR
     python benchmarks/analyze_speed.py --shapes qwen3-next-80B --experts 32 --samples 8 --check-layers 6 --out DIR
@@ -39,7 +40,7 @@ if __name__ == "__main__":  # before Triton is imported: the in-process runs sta
 
 import torch  # noqa: E402
 
-from staterank import analysis, rank  # noqa: E402
+from staterank import rank  # noqa: E402
 from staterank.analysis import collect_metrics  # noqa: E402
 from staterank.loading import load, prepare_runtime  # noqa: E402
 from staterank.rank import log_positions, spectral_metrics, states_at  # noqa: E402
@@ -79,8 +80,12 @@ def build(shapes: str, layers: int | None, experts: int | None, directory: Path,
     return directory
 
 
-def command_seconds(model: Path, samples: int, seq_len: int, out: Path, triton_cache: Path, device: str) -> float:
+def command_seconds(
+    model: Path, samples: int, seq_len: int, out: Path, triton_cache: Path, device: str, torch_kernels: bool
+) -> float:
     env = dict(os.environ, TRITON_CACHE_DIR=str(triton_cache))
+    if torch_kernels:
+        env["STATERANK_TORCH_KERNELS"] = "all"
     argv = [sys.executable, "-m", "staterank", "analyze", str(model), "--data", "techdocs-val", "--samples",
             str(samples), "--seq-len", str(seq_len), "--out", str(out), "--overwrite", "--device", device]  # fmt: skip
     start = time.perf_counter()
@@ -97,6 +102,8 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--skip-command", action="store_true", help="only the in-process timings and profile")
+    parser.add_argument("--skip-in-process", action="store_true", help="only the whole command, fresh and warm")
+    parser.add_argument("--torch-kernels", action="store_true", help="the commands with STATERANK_TORCH_KERNELS=all")
     parser.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -114,110 +121,109 @@ def main() -> int:
     work = Path(tempfile.mkdtemp())
     model_dir = build(args.shapes, args.layers, args.experts, work / "model", args.device)
     result: dict = {"shapes": args.shapes, "layers": args.layers, "experts": args.experts, "samples": args.samples,
-                    "seq_len": args.seq_len, "device": torch.cuda.get_device_name() if cuda else "cpu"}  # fmt: skip
+                    "seq_len": args.seq_len, "device": torch.cuda.get_device_name() if cuda else "cpu",
+                    "torch_kernels_in_command": args.torch_kernels}  # fmt: skip
 
     def report() -> None:
         print(json.dumps(result), flush=True)
         (out / f"analyze-{args.shapes}.json").write_text(json.dumps(result, indent=2))
 
-    from staterank.data import load_sequences
+    if not args.skip_in_process:
+        from staterank.data import load_sequences
 
-    start = time.perf_counter()
-    loaded = load(model_dir, device=args.device, dtype=torch.bfloat16 if cuda else torch.float32)
-    synchronize()
-    result["load_seconds"] = time.perf_counter() - start
-    sequences = load_sequences("techdocs-val", loaded.tokenizer, args.seq_len, max_tokens=args.seq_len * args.samples)
-    positions = log_positions(args.seq_len)
-    one = sequences[:1]
+        start = time.perf_counter()
+        loaded = load(model_dir, device=args.device, dtype=torch.bfloat16 if cuda else torch.float32)
+        synchronize()
+        result["load_seconds"] = time.perf_counter() - start
+        sequences = load_sequences(
+            "techdocs-val", loaded.tokenizer, args.seq_len, max_tokens=args.seq_len * args.samples
+        )
+        positions = log_positions(args.seq_len)
+        one = sequences[:1]
 
-    def sample(i: int) -> float:
+        def sample(i: int) -> float:
+            synchronize()
+            begin = time.perf_counter()
+            collect_metrics(loaded, sequences[i : i + 1], positions, 1e-4, 1, False, "")
+            synchronize()
+            return time.perf_counter() - begin
+
+        # 1. the first sample, compilation included
+        profiler = cProfile.Profile()
+        profiler.enable()
+        result["first_sample_seconds"] = sample(0)
+        profiler.disable()
+        stats = pstats.Stats(profiler)
+        # the compiler's stages (Triton IR to cubin, ptxas included), and the autotuner's benchmarking of configs
+        # (which holds the compiling of the configs it tries)
+        result["first_sample_triton_compile_seconds"] = sum(
+            entry[3] for (path, _, name), entry in stats.stats.items()
+            if path.endswith("backends/nvidia/compiler.py") and name.startswith("make_")
+        )  # fmt: skip
+        result["first_sample_autotune_seconds"] = sum(
+            entry[3] for (path, _, name), entry in stats.stats.items()
+            if path.endswith("runtime/autotuner.py") and name == "_bench"
+        )  # fmt: skip
+        listing = io.StringIO()
+        pstats.Stats(profiler, stream=listing).sort_stats("cumulative").print_stats(40)
+        (out / f"first-sample-{args.shapes}.txt").write_text(listing.getvalue())
+        report()
+
+        # 2. every sample
+        result["per_sample_seconds"] = [sample(i) for i in range(len(sequences))]
+        report()
+
+        features = {}
         synchronize()
         begin = time.perf_counter()
-        collect_metrics(loaded, sequences[i : i + 1], positions, 1e-4, 1, False, "")
+        with torch.no_grad(), loaded.adapter.tap(lambda f: features.__setitem__(f.layer, f)):
+            loaded.model(input_ids=one.to(args.device))
         synchronize()
-        return time.perf_counter() - begin
-
-    # 1. the first sample, compilation included
-    profiler = cProfile.Profile()
-    profiler.enable()
-    result["first_sample_seconds"] = sample(0)
-    profiler.disable()
-    stats = pstats.Stats(profiler)
-    result["first_sample_triton_compile_seconds"] = sum(
-        entry[3] for (path, _, name), entry in stats.stats.items() if path.endswith("triton/compiler/compiler.py")
-        and name == "compile"
-    )  # fmt: skip
-    result["first_sample_autotune_seconds"] = sum(
-        entry[3] for (path, _, name), entry in stats.stats.items() if path.endswith("triton/runtime/autotuner.py")
-        and name == "run"
-    )  # fmt: skip
-    listing = io.StringIO()
-    pstats.Stats(profiler, stream=listing).sort_stats("cumulative").print_stats(40)
-    (out / f"first-sample-{args.shapes}.txt").write_text(listing.getvalue())
-    report()
-
-    # 2. every sample, singular values on the device (the default) and on the host
-    result["per_sample_seconds"] = [sample(i) for i in range(len(sequences))]
-    on_host = analysis.singular_values_of
-    analysis.singular_values_of = lambda batches: on_host([b.cpu() for b in batches])
-    try:
-        result["per_sample_seconds_host_svd"] = [sample(i) for i in range(len(sequences))]
-    finally:
-        analysis.singular_values_of = on_host
-    report()
-
-    features = {}
-    synchronize()
-    begin = time.perf_counter()
-    with torch.no_grad(), loaded.adapter.tap(lambda f: features.__setitem__(f.layer, f)):
-        loaded.model(input_ids=one.to(args.device))
-    synchronize()
-    phases = {"forward_with_tap": time.perf_counter() - begin}
-    begin = time.perf_counter()
-    states = [states_at(f, positions).float() for f in features.values()]
-    synchronize()
-    phases["states"] = time.perf_counter() - begin
-    for name, route in (("singular_values_device", rank.singular_values_of),
-                        ("singular_values_host", lambda b: rank.singular_values_of([x.cpu() for x in b]))):  # fmt: skip
+        phases = {"forward_with_tap": time.perf_counter() - begin}
         begin = time.perf_counter()
-        route(states)
+        states = [states_at(f, positions).float() for f in features.values()]
         synchronize()
-        phases[name] = time.perf_counter() - begin
-    result["one_sample_phases_seconds"] = phases
-    result["states_per_sample"] = sum(x[..., 0, 0].numel() for x in states)
-    report()
+        phases["states"] = time.perf_counter() - begin
+        begin = time.perf_counter()
+        rank.singular_values_of(states)
+        phases["singular_values"] = time.perf_counter() - begin
+        result["one_sample_phases_seconds"] = phases
+        result["states_per_sample"] = sum(x[..., 0, 0].numel() for x in states)
+        report()
 
-    # 3. a torch.profiler table of one sample
-    from torch.profiler import ProfilerActivity, profile
+        # 3. a torch.profiler table of one sample
+        from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        collect_metrics(loaded, one, positions, 1e-4, 1, False, "")
-        synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "cpu_time_total", row_limit=15)
-    table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
-    (out / f"profile-{args.shapes}.txt").write_text(table + "\n\n" + table_cpu)
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            collect_metrics(loaded, one, positions, 1e-4, 1, False, "")
+            synchronize()
+        table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "cpu_time_total", row_limit=15)
+        table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        (out / f"profile-{args.shapes}.txt").write_text(table + "\n\n" + table_cpu)
 
-    # 4. the metrics against torch's float64 SVD on the CPU
-    worst = {"effective_rank_mismatches": 0, "states": 0}
-    for state in states[: args.check_layers]:
-        fast = spectral_metrics(state)
-        sigma = torch.linalg.svdvals(state.double().cpu())
-        exact = {"effective_rank": (sigma > 1e-4 * sigma[..., :1]).sum(-1).double(), "nuclear_norm": sigma.sum(-1),
-                 "stable_rank": sigma.square().sum(-1) / sigma[..., 0].square().clamp_min(1e-300)}  # fmt: skip
-        fast = {name: value.double().cpu() for name, value in fast.items()}
-        worst["effective_rank_mismatches"] += int((fast["effective_rank"] != exact["effective_rank"]).sum())
-        worst["states"] += exact["effective_rank"].numel()
-        for name in ("nuclear_norm", "stable_rank"):
-            diff = ((fast[name] - exact[name]).abs() / exact[name].abs().clamp_min(1e-30)).max().item()
-            worst[name] = max(worst.get(name, 0.0), diff)
-    result["metrics_against_float64_svd"] = worst
-    report()
+        # 4. the metrics against torch's float64 SVD on the CPU
+        worst = {"effective_rank_mismatches": 0, "states": 0}
+        for state in states[: args.check_layers]:
+            fast = spectral_metrics(state)
+            sigma = torch.linalg.svdvals(state.double().cpu())
+            exact = {"effective_rank": (sigma > 1e-4 * sigma[..., :1]).sum(-1).double(), "nuclear_norm": sigma.sum(-1),
+                     "stable_rank": sigma.square().sum(-1) / sigma[..., 0].square().clamp_min(1e-300)}  # fmt: skip
+            fast = {name: value.double().cpu() for name, value in fast.items()}
+            worst["effective_rank_mismatches"] += int((fast["effective_rank"] != exact["effective_rank"]).sum())
+            worst["states"] += exact["effective_rank"].numel()
+            for name in ("nuclear_norm", "stable_rank"):
+                diff = ((fast[name] - exact[name]).abs() / exact[name].abs().clamp_min(1e-30)).max().item()
+                worst[name] = max(worst.get(name, 0.0), diff)
+        result["metrics_against_float64_svd"] = worst
+        report()
 
     # 5. the whole command in fresh processes: an empty Triton cache, then the one it filled
     if not args.skip_command:
         cache = work / "triton-cache-command"
         for run, directory in (("fresh", "a"), ("warm", "b")):
-            seconds = command_seconds(model_dir, args.samples, args.seq_len, work / directory, cache, args.device)
+            seconds = command_seconds(
+                model_dir, args.samples, args.seq_len, work / directory, cache, args.device, args.torch_kernels
+            )
             result[f"command_seconds_{run}"] = seconds
             report()
     return 0

@@ -5,8 +5,7 @@ Attention LLMs", 2026).
 For every sample, every linear-attention layer and every (value) head, the state S_t is rebuilt
 from the model's own q, k, v, beta and decay (the adapter's feature tap) at the requested
 positions, chunk-wise with matrix products on the model's device; the singular values of every layer's
-states of a batch are then taken at once (:func:`staterank.rank.singular_values`: a batched float64 eigensolver
-on a GPU, threaded LAPACK on the CPU).
+states of a batch are then taken at once on the host (:func:`staterank.rank.singular_values`: threaded LAPACK).
 Nothing but per-position metrics and final spectra is kept.
 """
 
@@ -104,7 +103,8 @@ def collect_metrics(
     current: dict[int, torch.Tensor] = {}  # layer -> states [P, B, Hv, d_k, d_v], for the batch running now
 
     def collect(features: HeadFeatures) -> None:
-        current[features.layer] = states_at(features, positions).float()  # [P, B, Hv, d_k, d_v]
+        # [P, B, Hv, d_k, d_v]; to the host, where the singular values of all layers are taken at once
+        current[features.layer] = states_at(features, positions).float().cpu()
 
     shown = progress and distributed.is_main()
     bar = tqdm(total=sum(batch.shape[0] for _, batch in batches), unit="seq", desc=desc, disable=not shown)

@@ -94,48 +94,28 @@ def states_at(
 def singular_values(matrices: torch.Tensor) -> torch.Tensor:
     """Singular values ``[..., min(m, n)]``, descending, of a batch of matrices ``[..., m, n]``, on their device.
 
-    On a GPU: the square roots of the eigenvalues of the Gram matrices (``M^T M`` or ``M M^T``, whichever is
-    smaller) formed in float64, in one batched symmetric eigensolver call (:func:`gram_singular_values`). On the
-    CPU: LAPACK's divide-and-conquer SVD, one chunk of the batch per thread (:func:`lapack_singular_values`).
-    """
-    if matrices.device.type == "cuda":
-        return gram_singular_values(matrices)
-    return lapack_singular_values(matrices)
-
-
-def gram_singular_values(matrices: torch.Tensor) -> torch.Tensor:
-    """Singular values as the square roots of the Gram matrices' eigenvalues, computed in float64.
-
-    torch's CUDA SVD makes one cuSOLVER call per matrix larger than 32 x 32 (4,608 calls per sample at fla-hub's
-    1.3B shapes, seconds of host-bound work), and cuSOLVER's batched ``gesvda`` failed on such states (error 77:
-    rank-deficient, repeated zero singular values); its batched symmetric eigensolver takes the whole batch.
-    Squaring the spectrum costs no accuracy that matters here because the Gram matrix is formed and solved in
-    float64: an eigenvalue is resolved to about ``r * 1e-16 * sigma_1^2``, so a singular value at the effective-rank
-    threshold ``1e-4 * sigma_1`` (eigenvalue ``1e-8 * sigma_1^2``) keeps a relative error near 1e-6, where a float32
-    SVD resolves singular values to about ``1e-7 * sigma_1``, 1e-3 of such a value. The result is in the matrices'
-    dtype (float32 at least).
-    """
-    x = matrices.detach().to(torch.float64)
-    gram = x.mT @ x if x.shape[-1] <= x.shape[-2] else x @ x.mT
-    eigenvalues = torch.linalg.eigvalsh(gram)  # ascending
-    dtype = torch.promote_types(matrices.dtype, torch.float32)
-    return eigenvalues.flip(-1).clamp_min(0).sqrt().to(dtype)
-
-
-def lapack_singular_values(matrices: torch.Tensor) -> torch.Tensor:
-    """Singular values by LAPACK's SVD on the CPU, one chunk of the batch per thread, returned on the input's device.
-
-    torch's batched CPU SVD runs its matrices one after another; the LAPACK calls release the GIL, so threads run
-    the chunks side by side (on 2 cores, 1,152 states of 128 x 128 take 0.62 s in one call and 0.31 s in two).
+    Computed by LAPACK's divide-and-conquer SVD on the CPU (inputs on a GPU included), one chunk of the batch
+    per thread, each LAPACK call single-threaded: torch's batched SVD runs its matrices one after another, and
+    MKL's own threads only slow such small matrices down (on 2 cores, 1,152 states of 128 x 128 take 0.98 s in
+    one call with 2 MKL threads, 0.65 s with 1, and 0.32 s in two threads of one). The GPU is no faster: for
+    matrices larger than 32 x 32 torch makes one cuSOLVER call per matrix, for its SVD and for its symmetric
+    eigensolver alike (on an H200, 4,608 states of 128 x 128, one sample at fla-hub's 1.3B shapes, took 2.97 s
+    through float64 Gram matrices and ``eigvalsh`` against 0.58 s here), and cuSOLVER's batched ``gesvda``
+    failed to converge on such states (error 77: rank-deficient, repeated zero singular values).
     """
     host = matrices.detach().cpu()
     flat = host.reshape(-1, *host.shape[-2:])
     workers = max(1, min(torch.get_num_threads(), len(flat) // 64))
-    if workers == 1:
-        sigma = torch.linalg.svdvals(flat)
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            sigma = torch.cat(list(pool.map(torch.linalg.svdvals, flat.chunk(workers))))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if workers == 1:
+            sigma = torch.linalg.svdvals(flat)
+        else:  # the LAPACK calls release the GIL: one chunk of the batch per thread
+            with ThreadPoolExecutor(workers) as pool:
+                sigma = torch.cat(list(pool.map(torch.linalg.svdvals, flat.chunk(workers))))
+    finally:
+        torch.set_num_threads(threads)
     return sigma.reshape(*host.shape[:-2], -1).to(matrices.device)
 
 
