@@ -103,8 +103,12 @@ def collect_metrics(
     current: dict[int, torch.Tensor] = {}  # layer -> states [P, B, Hv, d_k, d_v], for the batch running now
 
     def collect(features: HeadFeatures) -> None:
-        # [P, B, Hv, d_k, d_v]; to the host, where the singular values of all layers are taken at once
-        current[features.layer] = states_at(features, positions).float().cpu()
+        # [P, B, Hv, d_k, d_v]; to the host, where the singular values of all layers are taken at once, through
+        # page-locked memory (a copy into pageable memory ran at 1.5 GB/s on an H200's host, 0.2 s per sample)
+        states = states_at(features, positions).float()
+        if states.device.type == "cuda":
+            states = torch.empty(states.shape, dtype=states.dtype, pin_memory=True).copy_(states)
+        current[features.layer] = states.cpu()
 
     shown = progress and distributed.is_main()
     bar = tqdm(total=sum(batch.shape[0] for _, batch in batches), unit="seq", desc=desc, disable=not shown)
