@@ -23,10 +23,10 @@ __all__ = [
 
 
 def train(
-    config: str | os.PathLike, data: str, out: str | os.PathLike, opts: TrainOptions | None = None, **overrides
+    config: str | os.PathLike, data: str | None, out: str | os.PathLike, opts: TrainOptions | None = None, **overrides
 ) -> dict:
-    """Pretrain the model of a config file on DATA into OUT (:func:`staterank.training.pretrain.train`);
-    returns the run's summary."""
+    """Pretrain the model of a config file on DATA (None for a config with a task) into OUT
+    (:func:`staterank.training.pretrain.train`); returns the run's summary."""
     from staterank.training.pretrain import train as pretrain
 
     return pretrain(config, data, out, opts, **overrides)

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "finetune", "LoRA recovery of a pruned model, optionally distilled from the original",
                  FinetuneOptions)  # fmt: skip
     p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("--data", required=True, help="training corpus")
+    p.add_argument("--data", help="training corpus (none for a config whose train section names a task: mqar)")
     p.add_argument("--out", required=True, help="output model directory (LoRA merged into the weights)")
 
     p = _command(sub, "bench", "side-by-side prefill and decode speed, memory and state bytes", BenchOptions)
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "train", "pretrain a small model from a config (for studies and the bundled models)",
                  TrainOptions)  # fmt: skip
     p.add_argument("config", help="JSON file: a model config plus an optional 'train' section")
-    p.add_argument("--data", required=True, help="training corpus")
+    p.add_argument("--data", help="training corpus (none for a config whose train section names a task: mqar)")
     p.add_argument("--out", required=True, help="output model directory")
 
     p = _command(sub, "demo", "the pipeline on the bundled tiny model, on CPU, in minutes", DemoOptions)
@@ -162,6 +162,11 @@ def _cmd_evaluate(args) -> int:
     result = api.evaluate(args.model, opts=EvaluateOptions.from_args(args))
     if "ppl" in result:
         print(f"perplexity {result['ppl']:.3f} over {result['tokens']:,} tokens of {args.data}")
+    if "mqar" in result:
+        m = result["mqar"]
+        print(
+            f"mqar accuracy {m['accuracy']:.4f} ({m['examples']} examples, {m['pairs']} pairs, {m['seq_len']} tokens)"
+        )
     for name in ("by_position", "recall", "lm_eval"):
         if name in result:
             print(f"{name}: {json.dumps(result[name])}")
@@ -287,8 +292,11 @@ def _cmd_train(args) -> int:
     from staterank import api
 
     summary = api.train(args.config, args.data, args.out, TrainOptions.from_args(args))
-    if summary["val_history"]:
-        print(f"final validation perplexity {summary['val_history'][-1]['ppl']:.2f}")
+    last = summary["val_history"][-1] if summary["val_history"] else {}
+    if "ppl" in last:
+        print(f"final validation perplexity {last['ppl']:.2f}")
+    if "accuracy" in last:
+        print(f"final validation accuracy {last['accuracy']:.4f}")
     return 0
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+from pathlib import Path
 
 import torch
 
-from staterank import distributed, evaluation, layout
+from staterank import distributed, evaluation, layout, mqar
 from staterank.errors import StaterankError
 from staterank.io import check_output, output_dir, write_json
 from staterank.loading import LoadedModel, load
@@ -22,7 +24,7 @@ from staterank.options import (
     resolve,
 )
 
-TASKS = ("ppl", "ppl-by-position", "recall", "lm-eval:TASK[,TASK...]")
+TASKS = ("ppl", "ppl-by-position", "recall", "mqar", "lm-eval:TASK[,TASK...]")
 
 
 def load_model(
@@ -83,7 +85,7 @@ def _parse_tasks(tasks: tuple[str, ...] | list[str]) -> tuple[list[str], list[st
     """
     own, harness, in_harness = [], [], False
     for task in (t for item in tasks for t in item.split(",") if t):
-        if task in TASKS[:3]:
+        if task in TASKS[:-1]:
             own.append(task)
             in_harness = False
         elif task.startswith("lm-eval:"):
@@ -106,7 +108,9 @@ def evaluate(
 
     ``ppl``: perplexity of ``data`` over windows of ``seq_len`` (non-overlapping, or sliding by
     ``stride``); ``ppl-by-position``: loss by position inside long windows; ``recall``: in-context
-    retrieval probe (no data needed); ``lm-eval:TASK[,TASK]``: lm-evaluation-harness, in-process.
+    retrieval probe (no data needed); ``mqar``: multi-query associative recall in the layout of the model's
+    ``mqar.json`` (:mod:`staterank.mqar`), with ``mqar_pairs`` / ``mqar_seq_len`` / ``mqar_examples``;
+    ``lm-eval:TASK[,TASK]``: lm-evaluation-harness, in-process.
     ``opts`` (an :class:`~staterank.options.EvaluateOptions`, or its fields as keywords) says the rest.
     """
     opts = resolve(EvaluateOptions, opts, overrides, data=data)
@@ -142,6 +146,10 @@ def evaluate(
         )
     if "recall" in own:
         result["recall"] = evaluation.recall(loaded, seed=opts.seed, batch_size=batch_size)
+    if "mqar" in own:
+        layout = mqar.read_layout(loaded.path).with_shape(opts.mqar_pairs, opts.mqar_seq_len)
+        correct = mqar.accuracy(loaded.model, layout, opts.mqar_examples, opts.seed, batch_size)
+        result["mqar"] = {**layout.to_json(), "examples": opts.mqar_examples, "seed": opts.seed, "accuracy": correct}
     if harness:
         from staterank.lm_eval_bridge import run_lm_eval
 
@@ -150,9 +158,13 @@ def evaluate(
 
 
 def save_model(loaded: LoadedModel, directory: str | os.PathLike) -> None:
-    """Write a model and its tokenizer as a Hugging Face directory (safetensors weights)."""
+    """Write a model and its tokenizer as a Hugging Face directory (safetensors weights), with the MQAR layout
+    of the model it came from, if any (a pruned or recovered recall model keeps its task)."""
     loaded.model.save_pretrained(directory, safe_serialization=True)
     loaded.tokenizer.save_pretrained(directory)
+    layout = Path(loaded.path) / mqar.LAYOUT_FILE
+    if layout.is_file():
+        shutil.copy(layout, Path(directory) / mqar.LAYOUT_FILE)
 
 
 def prune(
@@ -382,4 +394,3 @@ def bench(
     if out is not None:
         write_json(out, result, overwrite=opts.overwrite)
     return result
-

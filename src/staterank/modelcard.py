@@ -270,7 +270,11 @@ def _train_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if summary["val_history"]:
         last = summary["val_history"][-1]
-        rows.append(("validation", f"perplexity {last['ppl']:.2f} on `{opts['val_data']}` at step {last['step']:,}"))
+        if "ppl" in last:
+            what = f"perplexity {last['ppl']:.2f} on `{opts['val_data']}`"
+        else:  # a synthetic task's held-out examples
+            what = f"accuracy {last['accuracy']:.4f} on held-out `{summary['data']}` examples"
+        rows.append(("validation", f"{what} at step {last['step']:,}"))
     rows += [
         ("seed", str(opts["seed"])),
         ("time", f"{summary['seconds']:g} s of training steps on {_devices(summary)}"),

@@ -184,8 +184,12 @@ class EvaluateOptions(Loading):
     command: ClassVar[str] = "evaluate"
     data: str | None = option(None, "corpus: file, directory, hf:NAME or a shipped name (wikitext-test)")
     tasks: list[str] = option(
-        ["ppl"], "comma-separated: ppl, ppl-by-position, recall, lm-eval:TASK[,TASK]", parse=comma_list
+        ["ppl"], "comma-separated: ppl, ppl-by-position, recall, mqar, lm-eval:TASK[,TASK]", parse=comma_list
     )
+    mqar_pairs: int | None = option(None, "mqar: key-value pairs per example (default: the model's training)",
+                                    positive_int)  # fmt: skip
+    mqar_seq_len: int | None = option(None, "mqar: tokens per example (default: the model's training)", positive_int)
+    mqar_examples: int = option(1000, "mqar: examples to score", positive_int)
     stride: int | None = option(None, "ppl: sliding windows moving by this many tokens", positive_int)
     lm_eval_limit: int | None = option(None, "lm-eval: at most this many examples per task", positive_int)
     seq_len: int = option(512, "window length in tokens", sequence_length)
@@ -298,6 +302,7 @@ class TrainOptions(Options):
     vocab_size: int | None = option(None, "size of a tokenizer trained here (default: the config's, else 4096)",
                                     positive_int, flag=None)  # fmt: skip
     max_train_tokens: int | None = option(None, "use at most this many tokens of the corpus", positive_int, flag=None)
+    task: dict | None = option(None, "a synthetic task instead of a corpus: {\"name\": \"mqar\", ...}", flag=None)
     save_dtype: str | None = option(None, "dtype of the saved weights", choices=("float32", "bfloat16"),
                                     flag=None)  # fmt: skip
     stop_after: int | None = option(None, "stop (resumably) after this many steps", positive_int, flag=None)
@@ -336,6 +341,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "tokenizer": None,
     "vocab_size": None,
     "max_train_tokens": None,
+    "task": None,
     "save_dtype": "float32",
 }
 

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from staterank import mqar
 from staterank.data import load_sequences
 from staterank.errors import StaterankError
 from staterank.loading import prepare_runtime
@@ -44,15 +45,19 @@ from staterank.training.loop import (
 #: Options that define the trajectory of a run: a resume must not change them.
 RUN_DEFINING = (
     "steps", "batch_size", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip",
-    "seed", "max_train_tokens",
+    "seed", "max_train_tokens", "task",
 )  # fmt: skip
 
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+MQAR_VAL_EXAMPLES = 1024  # validation examples of a mqar task, drawn with seed + 1
+MQAR_CARD_EXAMPLES = 1000  # examples per cell of a model card's accuracy table, drawn with seed 1234
+MQAR_CARD_SEED = 1234
+
 
 def train(
     config: str | os.PathLike,
-    data: str,
+    data: str | None,
     out: str | os.PathLike,
     opts: TrainOptions | None = None,
     **overrides: Any,
@@ -69,6 +74,12 @@ def train(
     loss (the mean of the last few steps), the validation history, the seconds spent in training
     steps (validation and checkpoints left out) and the parameter count; the returned dict has the
     trained model too, under ``"model"``.
+
+    A config whose ``"train"`` section names a ``task`` (``{"name": "mqar", "pairs": ..., "num_keys": ...,
+    "num_values": ..., "examples": ...}``) trains on that synthetic task instead of DATA (which must then be
+    None): :mod:`staterank.mqar`'s examples of ``seq_len`` tokens, the loss on the answers only, validation
+    accuracy on 1,024 other examples, and the layout written beside the model (``mqar.json``) with the accuracy
+    by number of pairs and sequence length on the model card.
     """
     # -- options ------------------------------------------------------------------------------
     opts = resolve(TrainOptions, opts, overrides)
@@ -82,10 +93,14 @@ def train(
     device = torch.device(run["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(run["seed"])
 
+    layout = _task_layout(run, data)
+
     # -- tokenizer ----------------------------------------------------------------------------
     # A resumed run takes the tokenizer it started with, saved in the checkpoint.
     tokenizer_source = checkpoint_dir if opts.resume else run["tokenizer"]
-    if tokenizer_source is not None:
+    if layout is not None:
+        tokenizer = mqar.tokenizer(layout)
+    elif tokenizer_source is not None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         except (OSError, ValueError) as e:
@@ -116,13 +131,21 @@ def train(
     print(f"{model_type}: {params:,} parameters on {device}")
 
     # -- data ---------------------------------------------------------------------------------
-    sequences = training_sequences(
-        data, tokenizer, run["seq_len"], run["batch_size"], run["max_train_tokens"], run["seed"]
-    )
-    batches_per_epoch = sequences.shape[0] // run["batch_size"]  # the last partial batch of an epoch is dropped
     val_sequences = None
-    if run["val_data"]:
-        val_sequences = load_sequences(run["val_data"], tokenizer, run["seq_len"], max_tokens=run["val_tokens"])
+    if layout is not None:
+        sequences = mqar.examples(layout, run["task"].get("examples", 65_536), run["seed"])
+        if sequences.shape[0] < run["batch_size"]:
+            raise StaterankError(
+                f"mqar task: {sequences.shape[0]} examples, fewer than one batch of {run['batch_size']}"
+            )
+        data = "mqar"
+    else:
+        sequences = training_sequences(
+            data, tokenizer, run["seq_len"], run["batch_size"], run["max_train_tokens"], run["seed"]
+        )
+        if run["val_data"]:
+            val_sequences = load_sequences(run["val_data"], tokenizer, run["seq_len"], max_tokens=run["val_tokens"])
+    batches_per_epoch = sequences.shape[0] // run["batch_size"]  # the last partial batch of an epoch is dropped
     print(
         f"data: {sequences.numel():,} tokens in {sequences.shape[0]:,} sequences of {run['seq_len']}, "
         f"{batches_per_epoch:,} batches of {run['batch_size']} an epoch, "
@@ -131,7 +154,8 @@ def train(
 
     # -- what differs: the loss, the parameters and their weight decay, validation -----------
     def loss(trained: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"loss": next_token_loss(trained(input_ids=batch, use_cache=False).logits, batch)}
+        logits = trained(input_ids=batch, use_cache=False).logits
+        return {"loss": next_token_loss(logits, batch) if layout is None else mqar.answer_loss(logits, batch, layout)}
 
     adapter = adapter_for(model)
     decay, no_decay = [], []
@@ -140,6 +164,12 @@ def train(
     groups = [{"params": decay, "weight_decay": run["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
 
     def validate(step: int) -> dict[str, float]:
+        if layout is not None:
+            with mixed_precision(device):
+                correct = mqar.accuracy(model, layout, MQAR_VAL_EXAMPLES, run["seed"] + 1, run["batch_size"])
+            model.train()
+            tqdm.write(f"step {step}: validation accuracy {correct:.4f}")
+            return {"accuracy": correct}
         val_loss = mean_loss(model, val_sequences, run["batch_size"], mixed_precision(device))
         tqdm.write(f"step {step}: validation loss {val_loss:.4f}, perplexity {math.exp(val_loss):.2f}")
         return {"loss": val_loss, "ppl": math.exp(val_loss)}
@@ -147,7 +177,8 @@ def train(
     state = train_loop(
         model, loss, groups, sequences, run, RUN_DEFINING, checkpoint_dir,
         resume=opts.resume, save_every=run["save_every"], checkpoint_files=tokenizer.save_pretrained,
-        validate=validate if val_sequences is not None else None, validate_every=run["val_every"],
+        validate=validate if val_sequences is not None or layout is not None else None,
+        validate_every=run["val_every"],
         micro_batch_size=run["micro_batch_size"], stop_after=opts.stop_after, progress=opts.progress, name="train",
     )  # fmt: skip
 
@@ -173,11 +204,18 @@ def train(
     # Converted in place: the returned model is exactly the one written.
     model.eval().to(SAVE_DTYPES[run["save_dtype"]])
 
+    if layout is not None:
+        summary["mqar"] = {"layout": layout.to_json(), "accuracy": mqar_table(model, layout, run["batch_size"])}
+
     def save(directory: Path) -> None:
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         (directory / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-        write_model_card(directory, train_card(summary, model_facts(model), str(out)))
+        card = train_card(summary, model_facts(model), str(out))
+        if layout is not None:
+            mqar.write_layout(directory, layout)
+            card += "\n" + mqar_card_section(summary["mqar"])
+        write_model_card(directory, card)
 
     write_output(out, save, state)
     return {**summary, "model": model}
@@ -220,3 +258,64 @@ def read_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
     if not isinstance(train_section, dict):
         raise StaterankError(f"{path}: 'train' must be an object of training options")
     return config, train_section
+
+
+def _task_layout(run: dict[str, Any], data: str | None) -> mqar.Layout | None:
+    """The MQAR layout of the run's ``task``, or None for a corpus run; DATA and a task exclude each other."""
+    task = run["task"]
+    if task is None:
+        if data is None:
+            raise StaterankError("give --data (a training corpus), or a config whose train section names a task")
+        return None
+    if not isinstance(task, dict) or task.get("name") != "mqar":
+        raise StaterankError(f'the train section\'s task must be {{"name": "mqar", ...}}, got {task!r}')
+    if data is not None:
+        raise StaterankError("the config trains on a mqar task; leave out --data")
+    return mqar.Layout.from_task(task, run["seq_len"])
+
+
+def mqar_table(model: PreTrainedModel, layout: mqar.Layout, batch_size: int) -> list[dict[str, Any]]:
+    """Accuracy of a trained model by number of pairs (half, all, twice the training's) and length (1x, 2x)."""
+    rows = []
+    for seq_len in (layout.seq_len, 2 * layout.seq_len):
+        for pairs in sorted({max(1, layout.pairs // 2), layout.pairs, 2 * layout.pairs}):
+            try:
+                shape = layout.with_shape(pairs, seq_len)
+            except mqar.MQARError:
+                continue  # too many pairs for the keys or the length
+            correct = mqar.accuracy(model, shape, MQAR_CARD_EXAMPLES, MQAR_CARD_SEED, batch_size)
+            rows.append({"pairs": pairs, "seq_len": seq_len, "accuracy": correct})
+    return rows
+
+
+def mqar_card_section(facts: dict[str, Any]) -> str:
+    """The model card's MQAR section: the exact token layout and the measured accuracies."""
+    layout = facts["layout"]
+    k_low, k_high = layout["key_ids"]
+    v_low, v_high = layout["value_ids"]
+    lines = [
+        "## Multi-query associative recall (MQAR)",
+        "",
+        f"Trained on MQAR with {layout['pairs']} key-value pairs in sequences of {layout['seq_len']} tokens. "
+        "The layout, also in `mqar.json`:",
+        "",
+        f"- token ids: 0 is `<eos>` and never appears; keys are ids {k_low}..{k_high - 1} (tokens `k0`..), "
+        f"values ids {v_low}..{v_high - 1} (tokens `v0`..); no separators;",
+        "- an example: `k_1 v_1 ... k_P v_P` (P distinct keys drawn uniformly without replacement, values drawn "
+        "uniformly with replacement), then queries `q_1 a_1 ... q_Q a_Q` filling the rest of the sequence, "
+        "Q = (seq_len - 2P) / 2, each `q_j` a context key drawn uniformly with replacement and `a_j` its value;",
+        "- scored: every answer `a_j`, the argmax over the whole vocabulary of the logits at `q_j`'s position "
+        "(zero-based 2P + 2j); accuracy is the share of correct answers over all queries of all examples.",
+        "",
+        f"Accuracy measured after training ({MQAR_CARD_EXAMPLES} examples per row, drawn with "
+        f"`staterank.mqar.examples(layout, {MQAR_CARD_EXAMPLES}, seed={MQAR_CARD_SEED})`; "
+        "`staterank evaluate MODEL --tasks mqar --mqar-pairs P --mqar-seq-len T "
+        f"--mqar-examples {MQAR_CARD_EXAMPLES} --seed {MQAR_CARD_SEED}` reproduces a row):",
+        "",
+        "| pairs | sequence length | queries | accuracy |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for row in facts["accuracy"]:
+        queries = (row["seq_len"] - 2 * row["pairs"]) // 2
+        lines.append(f"| {row['pairs']} | {row['seq_len']} | {queries} | {row['accuracy']:.4f} |")
+    return "\n".join(lines) + "\n"
