@@ -26,3 +26,11 @@ def test_demo_runs_and_prints_no_third_party_warning(tmp_path):
         report = json.loads((out / pruned / "pruning.json").read_text())
         assert report["kept_ratio"] == report["ratio"] == 0.5
         assert (out / pruned / "README.md").is_file() and (out / f"{pruned}-lora" / "README.md").is_file()
+    # the recall part: the bundled recall model recalls, pruning changes its recall, the report says so
+    recall = {
+        name: json.loads((out / f"eval-{name}-mqar.json").read_text())["mqar"]["accuracy"]
+        for name in ("mqar-deltanet", "mqar-rrqr-50", "mqar-rrqr-50-lora")
+    }
+    assert recall["mqar-deltanet"] > 0.9 and recall["mqar-rrqr-50"] != recall["mqar-deltanet"]
+    report = (out / "report.md").read_text()
+    assert report.index("## Headline") < report.index("## Pruning") and "MQAR recall" in report

@@ -93,3 +93,33 @@ def test_perplexity_against_ratio_and_recall_are_reported(tmp_path):
     text = page.read_text()
     assert "copy 16 tokens at 128" in text and "0.250" in text and "lookup of 4 pairs" in text and "0.125" in text
     assert len(re.findall(r'<img[^>]*src="data:image/png;base64,', text)) == 3
+
+
+def test_headline_opens_the_report_with_state_perplexity_recall_and_speed(tmp_path):
+    pruned = tmp_path / "rrqr-50"
+    pruned.mkdir()
+    (pruned / "pruning.json").write_text(json.dumps({
+        "method": "rrqr", "ratio": 0.5, "kept": {}, "head_k_dim_before": 64, "head_k_dim_after": 32,
+        "state_bytes_before": 1000, "state_bytes_after": 400}))  # fmt: skip
+    write_eval(tmp_path, "/models/tiny", {"data": "techdocs-val", "ppl": 16.2})
+    write_eval(tmp_path, "/runs/rrqr-50-lora", {"data": "techdocs-val", "ppl": 19.4})
+    mqar = {"pairs": 16, "seq_len": 128, "examples": 300, "num_values": 128}
+    write_eval(tmp_path, "/models/recall", {"data": "mqar", "mqar": {**mqar, "accuracy": 0.99}})
+    write_eval(tmp_path, "/runs/a-recall-pruned", {"data": "mqar", "mqar": {**mqar, "accuracy": 0.5}})
+    (tmp_path / "a-recall-pruned").mkdir()
+    (tmp_path / "a-recall-pruned" / "pruning.json").write_text((pruned / "pruning.json").read_text())
+    (tmp_path / "bench.json").write_text(json.dumps({
+        "device": "cpu", "dtype": "float32", "batch_size": 8, "seq_len": 2048, "models": [
+            {"name": "/models/tiny", "prefill_tokens_per_s": 1000.0, "decode_ms_per_token": {"1": 2.0, "16": 8.0},
+             "decode_graph_ms_per_token": None, "state_bytes_per_seq": 1000},
+            {"name": "/runs/rrqr-50-lora", "prefill_tokens_per_s": 1250.0, "decode_ms_per_token": {"1": 2.0, "16": 5.0},
+             "decode_graph_ms_per_token": None, "state_bytes_per_seq": 400}]}))  # fmt: skip
+    markdown, _ = write_report(tmp_path)
+    text = markdown.read_text()
+    head = text[: text.index("## Pruning")]  # the headline comes before every detail
+    assert "## Headline" in head
+    assert "400 bytes per sequence against 1,000 (2.50x smaller)" in head
+    assert "Perplexity on techdocs-val: tiny 16.20; rrqr-50-lora 19.40." in head
+    assert "MQAR recall (16 pairs, 128 tokens): recall 0.990; a-recall-pruned 0.500." in head
+    assert "rrqr-50-lora prefills 1.25x as fast and decodes 1.60x as fast at batch 16 (eager, cpu)" in head
+    assert "| recall | 16 | 128 | 300 | 0.9900 |" in text  # the MQAR table

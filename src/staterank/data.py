@@ -5,7 +5,10 @@ A data spec (``--data``) is one of:
 - a shipped corpus name (:data:`SHIPPED`): ``techdocs``, ``techdocs-val``, ``wikitext-test``, ...;
 - a ``.txt`` file (one document), a ``.jsonl`` / ``.jsonl.gz`` / ``.jsonl.xz`` file with a ``text``
   field per line (one document per line), or a directory of those (sorted, not recursive);
-- ``hf:NAME[:CONFIG][:SPLIT]``: a dataset with a ``text`` column, through the ``datasets`` library.
+- ``hf:NAME[:CONFIG][:SPLIT]``: a dataset with a ``text`` column, through the ``datasets`` library;
+- ``mqar``: multi-query associative recall examples (:mod:`staterank.mqar`) in the layout of the model the
+  tokenizer belongs to (its ``mqar.json``), ``seq_len`` tokens each, drawn with ``seed`` (1,024 of them, or
+  ``max_tokens // seq_len``): calibration and recovery of a recall model on its own task.
 
 Documents are tokenised with the model's tokenizer, separated by EOS and packed into
 sequences of ``seq_len`` tokens; the order of documents is shuffled by ``seed`` where asked,
@@ -33,6 +36,9 @@ SHIPPED = {
     "wikitext-test": "wikitext-2-test.txt.xz",
     "wikitext-valid": "wikitext-2-valid.txt.xz",
 }
+
+MQAR = "mqar"  # the data spec of MQAR examples in a recall model's own layout
+MQAR_EXAMPLES = 1024  # examples of ``--data mqar`` unless max_tokens says otherwise
 
 _TEXT_SUFFIXES = (".txt", ".txt.gz", ".txt.xz")
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz")
@@ -197,7 +203,20 @@ def load_sequences(
     seed: int = 0,
 ) -> torch.Tensor:
     """Packed sequences [n, seq_len] of a corpus: the one place batches of tokens are built."""
+    if spec == MQAR:
+        return _mqar_sequences(tokenizer, seq_len, max_tokens, seed)
     return pack(token_stream(spec, tokenizer, max_tokens=max_tokens, shuffle=shuffle, seed=seed), seq_len)
+
+
+def _mqar_sequences(tokenizer, seq_len: int, max_tokens: int | None, seed: int) -> torch.Tensor:
+    from staterank import mqar
+
+    model_dir = Path(getattr(tokenizer, "name_or_path", "") or ".")
+    if not (model_dir / mqar.LAYOUT_FILE).is_file():
+        raise DataError(f"--data mqar: the model ({model_dir}) has no {mqar.LAYOUT_FILE}; it is not a recall model")
+    layout = mqar.read_layout(model_dir).with_shape(seq_len=seq_len)
+    count = MQAR_EXAMPLES if max_tokens is None else max(1, max_tokens // seq_len)
+    return mqar.examples(layout, count, seed)
 
 
 def iterate_batches(sequences: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

@@ -18,7 +18,7 @@ from staterank.compat import warn_fla_generate
 from staterank.errors import ModelLoadError, UnsupportedModelError
 from staterank.models import ADAPTERS, ModelAdapter, adapter_for, supported_families
 
-BUNDLED = ("tiny-deltanet", "tiny-gated-deltanet")
+BUNDLED = ("tiny-deltanet", "tiny-gated-deltanet", "mqar-deltanet", "mqar-gated-deltanet")
 
 
 @dataclass

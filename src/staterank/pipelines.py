@@ -18,7 +18,7 @@ import torch
 
 from staterank import commands, layout
 from staterank.io import write_json
-from staterank.loading import LoadedModel
+from staterank.loading import LoadedModel, resolve
 from staterank.options import DemoOptions, EvaluateOptions, FinetuneOptions, PruneOptions
 
 Model = str | os.PathLike | LoadedModel
@@ -133,6 +133,7 @@ def demo(out: str | os.PathLike, opts: DemoOptions | None = None, say: Callable[
         recover(pruned, lora, study)
         table[f"{method} + LoRA"] = measure(lora, study, out)["ppl"]
         recovered.append(lora)
+    recall_table = recall_story(opts, out, say)
     say("== bench: original against the recovered models")
     speed = commands.bench(
         [opts.model, *map(str, recovered)],
@@ -147,4 +148,36 @@ def demo(out: str | os.PathLike, opts: DemoOptions | None = None, say: Callable[
         seed=opts.seed,
     )
     _, page = write_report(out)
-    return {"perplexity": table, "corpora": list(study.corpora), "bench": speed, "report": page}
+    return {"perplexity": table, "mqar": recall_table, "corpora": list(study.corpora), "bench": speed, "report": page}
+
+
+RECALL_MODEL = "mqar-deltanet"  # the bundled recall model of the demo's recall part
+
+
+def recall_story(opts: DemoOptions, out: Path, say: Callable[[str], None]) -> dict[str, float]:
+    """The demo's recall part: MQAR accuracy of the bundled recall model, pruned (rrqr, half the q/k channels,
+    calibrated on MQAR examples) and recovered (LoRA with the original as teacher, on MQAR examples)."""
+    from staterank import mqar
+    from staterank.training.lora import finetune
+
+    where = {"seed": opts.seed, "device": opts.device, "progress": False}
+    seq_len = mqar.read_layout(resolve(RECALL_MODEL)).seq_len
+
+    def accuracy(model: Model) -> float:
+        result = commands.evaluate(model, None, EvaluateOptions(tasks=["mqar"], mqar_examples=300, batch_size=64,
+                                                                **where))  # fmt: skip
+        write_json(layout.eval_path(out, result["model"], "mqar"), result)
+        return result["mqar"]["accuracy"]
+
+    say(f"== recall: MQAR accuracy of {RECALL_MODEL}, pruned and recovered on its own task")
+    table = {"original": accuracy(RECALL_MODEL)}
+    pruned = layout.pruned_dir(out, "mqar-rrqr", 0.5)
+    commands.prune(RECALL_MODEL, "rrqr", 0.5, pruned, PruneOptions(data="mqar", calib_tokens=64 * seq_len,
+                   seq_len=seq_len, batch_size=16, align=1, overwrite=True, **where))  # fmt: skip
+    table["rrqr 50%"] = accuracy(pruned)
+    lora = layout.recovered_dir(pruned)
+    finetune(pruned, "mqar", lora, FinetuneOptions(teacher=RECALL_MODEL, steps=60, batch_size=32, seq_len=seq_len,
+             lr=1e-3, warmup_steps=5, save_every=0, overwrite=True, **where))  # fmt: skip
+    table["rrqr + LoRA"] = accuracy(lora)
+    say("MQAR accuracy: " + ", ".join(f"{name} {value:.3f}" for name, value in table.items()))
+    return table

@@ -3,7 +3,8 @@
 It shows whatever the directory holds: model info (info.json), the state-rank analysis
 (any folder with rank.json and its plots), pruning configurations (folders with pruning.json),
 perplexities (eval-*.json, drawn as a bar chart, and against the pruning ratio where a method was run
-at several ratios), in-context recall (eval-*.json with a "recall" key) and the bench table (bench.json).
+at several ratios), in-context recall (eval-*.json with a "recall" key), MQAR accuracy (eval-*.json with a
+"mqar" key) and the bench table (bench.json). A headline opens it: state size, perplexity, recall and speed.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _recall_rows(recalls: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
 
 def collect(run_dir: Path) -> dict:
     """Everything reportable in a run directory (raises ReportError when there is nothing)."""
-    found: dict = {"info": None, "analyses": [], "pruning": [], "evals": {}, "recall": {}, "bench": None}
+    found: dict = {"info": None, "analyses": [], "pruning": [], "evals": {}, "recall": {}, "mqar": {}, "bench": None}
     if (run_dir / layout.INFO).is_file():
         found["info"] = _read(run_dir / layout.INFO)
     for rank in sorted(run_dir.rglob(layout.RANK)):
@@ -109,13 +110,56 @@ def collect(run_dir: Path) -> dict:
             found["evals"].setdefault(model, {})[result["data"]] = result["ppl"]
         if "recall" in result:
             found["recall"][model] = result["recall"]
+        if "mqar" in result:
+            found["mqar"][model] = result["mqar"]
     if (run_dir / layout.BENCH).is_file():
         found["bench"] = _read(run_dir / layout.BENCH)
-    if not any([found["info"], found["analyses"], found["pruning"], found["evals"], found["recall"], found["bench"]]):
+    if not any(found[key] for key in ("info", "analyses", "pruning", "evals", "recall", "mqar", "bench")):
         raise ReportError(
             f"{run_dir}: nothing to report (no info.json, rank.json, pruning.json, eval-*.json or bench.json)"
         )
     return found
+
+
+def headline(found: dict) -> list[str]:
+    """A few lines before the details: state size, perplexity, MQAR recall and speed, original against the rest."""
+    lines = []
+    for entry in found["pruning"]:
+        r = entry["report"]
+        before, after = r["state_bytes_before"], r["state_bytes_after"]
+        lines.append(f"State: {entry['name']} holds {after:,} bytes per sequence against {before:,} "
+                     f"({before / after:.2f}x smaller).")  # fmt: skip
+    # the original model: the first one that no pruning in the run directory made (nor its recovery)
+    derived = {entry["name"] for entry in found["pruning"]}
+    derived |= {f"{name}-lora" for name in derived}
+
+    def original_first(results: dict) -> list:
+        return sorted(results.items(), key=lambda item: item[0] in derived)
+
+    if found["evals"]:
+        (original, scores), *others = original_first(found["evals"])
+        data = next(iter(scores))
+        changes = ", ".join(f"{m} {s[data]:.2f}" for m, s in others if data in s)
+        lines.append(f"Perplexity on {data}: {original} {scores[data]:.2f}" + (f"; {changes}." if changes else "."))
+    if found["mqar"]:
+        (original, first), *others = original_first(found["mqar"])
+        changes = ", ".join(f"{m} {r['accuracy']:.3f}" for m, r in others)
+        lines.append(f"MQAR recall ({first['pairs']} pairs, {first['seq_len']} tokens): {original} "
+                     f"{first['accuracy']:.3f}" + (f"; {changes}." if changes else "."))  # fmt: skip
+    if found["bench"] and len(found["bench"]["models"]) > 1:
+        bench = found["bench"]
+        graphed = bench["models"][0].get("decode_graph_ms_per_token") is not None
+        key = "decode_graph_ms_per_token" if graphed else "decode_ms_per_token"
+        batch = list(bench["models"][0][key])[-1]
+        first = bench["models"][0]
+        for row in bench["models"][1:]:
+            lines.append(
+                f"Speed against {layout.model_name(first['name'])}: {layout.model_name(row['name'])} prefills "
+                f"{row['prefill_tokens_per_s'] / first['prefill_tokens_per_s']:.2f}x as fast and decodes "
+                f"{first[key][batch] / row[key][batch]:.2f}x as fast at batch {batch} "
+                f"({'CUDA graph' if graphed else 'eager'}, {bench['device']})."
+            )
+    return lines
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -208,6 +252,18 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         sections.append(
             ("In-context recall (accuracy; chance is about 1 / vocabulary)", [("table", (header, rows))])
         )
+    if found["mqar"]:
+        rows = [
+            [model, str(m["pairs"]), str(m["seq_len"]), f"{m['examples']:,}", f"{m['accuracy']:.4f}"]
+            for model, m in found["mqar"].items()
+        ]
+        chance = min(1 / m["num_values"] for m in found["mqar"].values())
+        sections.append(
+            (
+                f"Multi-query associative recall (MQAR accuracy; chance is about {chance:.3f})",
+                [("table", (["model", "pairs", "tokens", "examples", "accuracy"], rows))],
+            )
+        )
     if found["bench"]:
         bench = found["bench"]
         sizes = list(bench["models"][0]["decode_ms_per_token"])
@@ -235,6 +291,9 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
             )
         )
 
+    lines = headline(found)
+    if lines:
+        sections.insert(0, ("Headline", [("text", line) for line in lines]))
     markdown = [f"# staterank report: {run_dir.name}", ""]
     page = [f"<h1>staterank report: {html.escape(run_dir.name)}</h1>"]
     for title, items in sections:
