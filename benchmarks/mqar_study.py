@@ -80,7 +80,7 @@ def main() -> int:
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 1.0, 2.0])
     parser.add_argument("--examples", type=int, default=500)
     parser.add_argument("--calib-examples", type=int, default=64)
-    parser.add_argument("--recovery-steps", type=int, default=150)
+    parser.add_argument("--recovery-steps", type=int, default=100)
     parser.add_argument("--head-ratio", type=float, default=0.25)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -111,7 +111,7 @@ def main() -> int:
                 pruned = api.load_model(pruned_dir, device="cpu")
                 recovered_dir = work / f"{name}-{method}-{ratio}-lora"
                 api.finetune(pruned_dir, "mqar", recovered_dir, teacher=name, steps=args.recovery_steps,
-                             batch_size=32, seq_len=L, lr=1e-3, save_every=0, progress=False,
+                             batch_size=16, seq_len=L, lr=1e-3, save_every=0, progress=False,
                              overwrite=True)  # fmt: skip
                 recovered = api.load_model(recovered_dir, device="cpu")
                 row = {"method": method, "ratio": ratio, "prune_seconds": seconds,
