@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from staterank import distributed
-from staterank.data import iterate_batches, token_stream
+from staterank.data import token_stream
 from staterank.errors import DataError, StaterankError
 from staterank.loading import LoadedModel, input_device
+from staterank.mqar import greedy_accuracy
 
 
 def windows(stream: torch.Tensor, seq_len: int, stride: int) -> torch.Tensor:
@@ -175,18 +176,6 @@ def _distinct(vocab: torch.Tensor, trials: int, n: int, generator: torch.Generat
     return vocab[torch.rand(trials, vocab.numel(), generator=generator).argsort(dim=1)[:, :n]]
 
 
-@torch.no_grad()
-def _accuracy(model, inputs: torch.Tensor, positions: torch.Tensor, batch_size: int) -> float:
-    """Share of ``positions`` [P] at which the argmax of the logits is the next token, over inputs [N, T]."""
-    device = input_device(model)
-    correct = 0
-    for batch in iterate_batches(inputs, batch_size):
-        batch = batch.to(device)
-        predicted = model(input_ids=batch).logits[:, positions].argmax(-1)  # [B, P]
-        correct += int((predicted == batch[:, positions + 1]).sum())
-    return correct / (inputs.shape[0] * positions.numel())
-
-
 def _rows(prefix: list[int], *parts: torch.Tensor) -> torch.Tensor:
     """Rows [N, len(prefix) + ...]: ``prefix`` then the parts [N, *] side by side."""
     return torch.cat([torch.tensor(prefix, dtype=torch.long).expand(parts[0].shape[0], -1), *parts], dim=1)
@@ -237,7 +226,7 @@ def recall(
         inputs = _rows(prefix, tokens, filler, tokens)
         second = len(prefix) + distance  # index of the second copy's first token
         positions = torch.arange(second, second + copy_len - 1)  # logits there predict tokens 1.. of the copy
-        copy_accuracy.append(_accuracy(loaded.model, inputs, positions, batch_size))
+        copy_accuracy.append(greedy_accuracy(loaded.model, inputs, positions, batch_size))
 
     kv_accuracy = []
     for n in num_items:
@@ -248,7 +237,7 @@ def recall(
         queries = torch.stack([keys.gather(1, order), values.gather(1, order)], dim=2).flatten(1)
         inputs = _rows(prefix, context, queries)
         positions = len(prefix) + 2 * n + 2 * torch.arange(n)  # the query keys; their logits predict values
-        kv_accuracy.append(_accuracy(loaded.model, inputs, positions, batch_size))
+        kv_accuracy.append(greedy_accuracy(loaded.model, inputs, positions, batch_size))
 
     return {
         "copy": {

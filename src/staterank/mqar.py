@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from staterank.errors import StaterankError
+from staterank.loading import input_device
 
 LAYOUT_FILE = "mqar.json"
 
@@ -146,9 +147,19 @@ def answer_loss(logits: torch.Tensor, ids: torch.Tensor, layout: Layout) -> torc
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, layout: Layout, n: int, seed: int, batch_size: int = 64) -> float:
     """Greedy accuracy of MODEL on ``n`` examples of ``layout`` (every query of every example)."""
-    from staterank.evaluation import _accuracy
+    return greedy_accuracy(model, examples(layout, n, seed), layout.query_positions(), batch_size)
 
-    return _accuracy(model, examples(layout, n, seed), layout.query_positions(), batch_size)
+
+@torch.no_grad()
+def greedy_accuracy(model: torch.nn.Module, inputs: torch.Tensor, positions: torch.Tensor, batch_size: int) -> float:
+    """Share of ``positions`` [P] at which the argmax of the logits is the next token, over inputs [N, T]."""
+    device = input_device(model)
+    correct = 0
+    for batch in inputs.split(batch_size):
+        batch = batch.to(device)
+        predicted = model(input_ids=batch).logits[:, positions].argmax(-1)  # [B, P]
+        correct += int((predicted == batch[:, positions + 1]).sum())
+    return correct / (inputs.shape[0] * positions.numel())
 
 
 def tokenizer(layout: Layout):
