@@ -159,6 +159,40 @@ def train_card(summary: dict[str, Any], model: dict[str, Any], path: str) -> str
     return _card(None, _tags(model, []), sections)
 
 
+def mqar_section(facts: dict[str, Any]) -> str:
+    """The MQAR section of a recall model's card: the exact token layout and the measured accuracies
+    (training.json's ``"mqar"``: the layout, and the accuracy by shape on ``examples`` drawn with ``seed``)."""
+    layout = facts["layout"]
+    k_low, k_high = layout["key_ids"]
+    v_low, v_high = layout["value_ids"]
+    lines = [
+        "## Multi-query associative recall (MQAR)",
+        "",
+        f"Trained on MQAR with {layout['pairs']} key-value pairs in sequences of {layout['seq_len']} tokens. "
+        "The layout, also in `mqar.json`:",
+        "",
+        f"- token ids: 0 is `<eos>` and never appears; keys are ids {k_low}..{k_high - 1} (tokens `k0`..), "
+        f"values ids {v_low}..{v_high - 1} (tokens `v0`..); no separators;",
+        "- an example: `k_1 v_1 ... k_P v_P` (P distinct keys drawn uniformly without replacement, values drawn "
+        "uniformly with replacement), then queries `q_1 a_1 ... q_Q a_Q` filling the rest of the sequence, "
+        "Q = (seq_len - 2P) / 2, each `q_j` a context key drawn uniformly with replacement and `a_j` its value;",
+        "- scored: every answer `a_j`, the argmax over the whole vocabulary of the logits at `q_j`'s position "
+        "(zero-based 2P + 2j); accuracy is the share of correct answers over all queries of all examples.",
+        "",
+        f"Accuracy measured after training ({facts['examples']} examples per row, drawn with "
+        f"`staterank.mqar.examples(layout, {facts['examples']}, seed={facts['seed']})`; "
+        "`staterank evaluate MODEL --tasks mqar --mqar-pairs P --mqar-seq-len T "
+        f"--mqar-examples {facts['examples']} --seed {facts['seed']}` reproduces a row):",
+        "",
+        "| pairs | sequence length | queries | accuracy |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for row in facts["accuracy"]:
+        queries = (row["seq_len"] - 2 * row["pairs"]) // 2
+        lines.append(f"| {row['pairs']} | {row['seq_len']} | {queries} | {row['accuracy']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_model_card(directory: str | os.PathLike, text: str) -> Path:
     """Write TEXT as ``DIRECTORY/README.md`` (the writers call this inside their atomic output directory)."""
     card = Path(directory) / "README.md"

@@ -158,26 +158,29 @@ def recall_story(opts: DemoOptions, out: Path, say: Callable[[str], None]) -> di
     """The demo's recall part: MQAR accuracy of the bundled recall model, pruned (rrqr, half the q/k channels,
     calibrated on MQAR examples) and recovered (LoRA with the original as teacher, on MQAR examples)."""
     from staterank import mqar
-    from staterank.training.lora import finetune
 
-    where = {"seed": opts.seed, "device": opts.device, "progress": False}
     seq_len = mqar.read_layout(resolve(RECALL_MODEL)).seq_len
+    study = Study(
+        device=opts.device,
+        seed=opts.seed,
+        calibration=PruneOptions(data="mqar", calib_tokens=64 * seq_len, seq_len=seq_len, batch_size=16, align=1),
+        recover_data="mqar",
+        lora=FinetuneOptions(steps=60, batch_size=32, seq_len=seq_len, lr=1e-3, warmup_steps=5, save_every=0),
+    )
 
     def accuracy(model: Model) -> float:
-        result = commands.evaluate(model, None, EvaluateOptions(tasks=["mqar"], mqar_examples=300, batch_size=64,
-                                                                **where))  # fmt: skip
+        options = EvaluateOptions(tasks=["mqar"], mqar_examples=300, batch_size=64, **study.where())
+        result = commands.evaluate(model, None, options)
         write_json(layout.eval_path(out, result["model"], "mqar"), result)
         return result["mqar"]["accuracy"]
 
     say(f"== recall: MQAR accuracy of {RECALL_MODEL}, pruned and recovered on its own task")
     table = {"original": accuracy(RECALL_MODEL)}
     pruned = layout.pruned_dir(out, "mqar-rrqr", 0.5)
-    commands.prune(RECALL_MODEL, "rrqr", 0.5, pruned, PruneOptions(data="mqar", calib_tokens=64 * seq_len,
-                   seq_len=seq_len, batch_size=16, align=1, overwrite=True, **where))  # fmt: skip
+    prune(RECALL_MODEL, "rrqr", 0.5, pruned, study)
     table["rrqr 50%"] = accuracy(pruned)
     lora = layout.recovered_dir(pruned)
-    finetune(pruned, "mqar", lora, FinetuneOptions(teacher=RECALL_MODEL, steps=60, batch_size=32, seq_len=seq_len,
-             lr=1e-3, warmup_steps=5, save_every=0, overwrite=True, **where))  # fmt: skip
+    recover(pruned, lora, study, teacher=RECALL_MODEL)
     table["rrqr + LoRA"] = accuracy(lora)
     say("MQAR accuracy: " + ", ".join(f"{name} {value:.3f}" for name, value in table.items()))
     return table

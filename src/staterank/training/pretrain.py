@@ -29,7 +29,7 @@ from staterank import mqar
 from staterank.data import load_sequences
 from staterank.errors import StaterankError
 from staterank.loading import prepare_runtime
-from staterank.modelcard import model_facts, train_card, write_model_card
+from staterank.modelcard import model_facts, mqar_section, train_card, write_model_card
 from staterank.models import adapter_for
 from staterank.options import TrainOptions, resolve
 from staterank.tokenizer import train_tokenizer
@@ -205,7 +205,8 @@ def train(
     model.eval().to(SAVE_DTYPES[run["save_dtype"]])
 
     if layout is not None:
-        summary["mqar"] = {"layout": layout.to_json(), "accuracy": mqar_table(model, layout, run["batch_size"])}
+        summary["mqar"] = {"layout": layout.to_json(), "examples": MQAR_CARD_EXAMPLES, "seed": MQAR_CARD_SEED,
+                           "accuracy": mqar_table(model, layout, run["batch_size"])}  # fmt: skip
 
     def save(directory: Path) -> None:
         model.save_pretrained(directory)
@@ -214,7 +215,7 @@ def train(
         card = train_card(summary, model_facts(model), str(out))
         if layout is not None:
             mqar.write_layout(directory, layout)
-            card += "\n" + mqar_card_section(summary["mqar"])
+            card += "\n" + mqar_section(summary["mqar"])
         write_model_card(directory, card)
 
     write_output(out, save, state)
@@ -286,36 +287,3 @@ def mqar_table(model: PreTrainedModel, layout: mqar.Layout, batch_size: int) -> 
             correct = mqar.accuracy(model, shape, MQAR_CARD_EXAMPLES, MQAR_CARD_SEED, batch_size)
             rows.append({"pairs": pairs, "seq_len": seq_len, "accuracy": correct})
     return rows
-
-
-def mqar_card_section(facts: dict[str, Any]) -> str:
-    """The model card's MQAR section: the exact token layout and the measured accuracies."""
-    layout = facts["layout"]
-    k_low, k_high = layout["key_ids"]
-    v_low, v_high = layout["value_ids"]
-    lines = [
-        "## Multi-query associative recall (MQAR)",
-        "",
-        f"Trained on MQAR with {layout['pairs']} key-value pairs in sequences of {layout['seq_len']} tokens. "
-        "The layout, also in `mqar.json`:",
-        "",
-        f"- token ids: 0 is `<eos>` and never appears; keys are ids {k_low}..{k_high - 1} (tokens `k0`..), "
-        f"values ids {v_low}..{v_high - 1} (tokens `v0`..); no separators;",
-        "- an example: `k_1 v_1 ... k_P v_P` (P distinct keys drawn uniformly without replacement, values drawn "
-        "uniformly with replacement), then queries `q_1 a_1 ... q_Q a_Q` filling the rest of the sequence, "
-        "Q = (seq_len - 2P) / 2, each `q_j` a context key drawn uniformly with replacement and `a_j` its value;",
-        "- scored: every answer `a_j`, the argmax over the whole vocabulary of the logits at `q_j`'s position "
-        "(zero-based 2P + 2j); accuracy is the share of correct answers over all queries of all examples.",
-        "",
-        f"Accuracy measured after training ({MQAR_CARD_EXAMPLES} examples per row, drawn with "
-        f"`staterank.mqar.examples(layout, {MQAR_CARD_EXAMPLES}, seed={MQAR_CARD_SEED})`; "
-        "`staterank evaluate MODEL --tasks mqar --mqar-pairs P --mqar-seq-len T "
-        f"--mqar-examples {MQAR_CARD_EXAMPLES} --seed {MQAR_CARD_SEED}` reproduces a row):",
-        "",
-        "| pairs | sequence length | queries | accuracy |",
-        "| ---: | ---: | ---: | ---: |",
-    ]
-    for row in facts["accuracy"]:
-        queries = (row["seq_len"] - 2 * row["pairs"]) // 2
-        lines.append(f"| {row['pairs']} | {row['seq_len']} | {queries} | {row['accuracy']:.4f} |")
-    return "\n".join(lines) + "\n"
