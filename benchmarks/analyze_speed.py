@@ -11,10 +11,11 @@ process with an empty Triton cache:
 4. the metrics against torch's SVD of the same states in float64 on the CPU (effective ranks must be equal;
    the largest relative difference of the others), on ``--check-layers`` layers of one sample;
 
-and finally ``staterank analyze`` in a fresh process twice, first with an empty Triton cache (what a fresh
-machine pays, compilation included) and then with the cache that run filled; with ``--torch-kernels`` those two
-run with ``STATERANK_TORCH_KERNELS=all`` (staterank's PyTorch kernels instead of fla's Triton ones: nothing to
-compile).
+and finally ``staterank analyze`` in fresh processes: first with an empty Triton cache (what a fresh machine
+pays, compilation included), then with the cache that run filled, and once more so under cProfile (where the
+time outside the samples goes); with ``--torch-kernels`` these run with ``STATERANK_TORCH_KERNELS=all``
+(staterank's PyTorch kernels instead of fla's Triton ones: nothing to compile), and ``--also-torch-kernels``
+adds a fresh command with them.
 
     python benchmarks/analyze_speed.py --shapes deltanet-1.3B --samples 8 --seq-len 2048 --out DIR
     python benchmarks/analyze_speed.py --shapes qwen3-next-80B --experts 32 --samples 8 --check-layers 6 --out DIR
@@ -81,12 +82,21 @@ def build(shapes: str, layers: int | None, experts: int | None, directory: Path,
 
 
 def command_seconds(
-    model: Path, samples: int, seq_len: int, out: Path, triton_cache: Path, device: str, torch_kernels: bool
+    model: Path,
+    samples: int,
+    seq_len: int,
+    out: Path,
+    triton_cache: Path,
+    device: str,
+    torch_kernels: bool,
+    profile: Path | None = None,
 ) -> float:
+    """Wall time of ``staterank analyze`` in a fresh process; under cProfile (stats to ``profile``) if given."""
     env = dict(os.environ, TRITON_CACHE_DIR=str(triton_cache))
     if torch_kernels:
         env["STATERANK_TORCH_KERNELS"] = "all"
-    argv = [sys.executable, "-m", "staterank", "analyze", str(model), "--data", "techdocs-val", "--samples",
+    profiler = [] if profile is None else ["-m", "cProfile", "-o", str(profile)]
+    argv = [sys.executable, *profiler, "-m", "staterank", "analyze", str(model), "--data", "techdocs-val", "--samples",
             str(samples), "--seq-len", str(seq_len), "--out", str(out), "--overwrite", "--device", device]  # fmt: skip
     start = time.perf_counter()
     subprocess.run(argv, check=True, env=env)
@@ -104,6 +114,9 @@ def main() -> int:
     parser.add_argument("--skip-command", action="store_true", help="only the in-process timings and profile")
     parser.add_argument("--skip-in-process", action="store_true", help="only the whole command, fresh and warm")
     parser.add_argument("--torch-kernels", action="store_true", help="the commands with STATERANK_TORCH_KERNELS=all")
+    parser.add_argument(
+        "--also-torch-kernels", action="store_true", help="then the fresh command once more with the PyTorch kernels"
+    )
     parser.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke run)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -187,6 +200,14 @@ def main() -> int:
         begin = time.perf_counter()
         rank.singular_values_of(states)
         phases["singular_values"] = time.perf_counter() - begin
+        begin = time.perf_counter()
+        pending = {}
+        with torch.no_grad(), rank.HostSingularValues() as spectra, loaded.adapter.tap(
+            lambda f: pending.__setitem__(f.layer, spectra.submit(states_at(f, positions).float()))
+        ):
+            loaded.model(input_ids=one.to(args.device))
+            [sigma() for sigma in pending.values()]
+        phases["overlapped_forward_states_singular_values"] = time.perf_counter() - begin
         result["one_sample_phases_seconds"] = phases
         result["states_per_sample"] = sum(x[..., 0, 0].numel() for x in states)
         report()
@@ -217,14 +238,27 @@ def main() -> int:
         result["metrics_against_float64_svd"] = worst
         report()
 
-    # 5. the whole command in fresh processes: an empty Triton cache, then the one it filled
+    # 5. the whole command in fresh processes: an empty Triton cache, then the one it filled, then that once more
+    # under cProfile (where a warm command's time goes outside its samples)
     if not args.skip_command:
         cache = work / "triton-cache-command"
-        for run, directory in (("fresh", "a"), ("warm", "b")):
+        runs = [("fresh", "a", args.torch_kernels, None), ("warm", "b", args.torch_kernels, None),
+                ("warm_profiled", "c", args.torch_kernels, work / "command.prof")]  # fmt: skip
+        if args.also_torch_kernels:
+            runs.append(("fresh_torch_kernels", "d", True, None))
+        for run, directory, torch_kernels, profile in runs:
+            run_cache = work / f"triton-cache-{run}" if run.startswith("fresh_") else cache
             seconds = command_seconds(
-                model_dir, args.samples, args.seq_len, work / directory, cache, args.device, args.torch_kernels
+                model_dir, args.samples, args.seq_len, work / directory, run_cache, args.device, torch_kernels, profile
             )
             result[f"command_seconds_{run}"] = seconds
+            if profile is not None:
+                listing = io.StringIO()
+                pstats.Stats(str(profile), stream=listing).sort_stats("cumulative").print_stats(60)
+                (out / f"command-profile-{args.shapes}.txt").write_text(listing.getvalue())
+                result["command_seconds_analysis_itself"] = json.loads((work / directory / "rank.json").read_text())[
+                    "seconds"
+                ]
             report()
     return 0
 

@@ -6,7 +6,8 @@ call fla's KDA and gated-delta-rule kernels on the GPU), and the bundled models 
 the GPU, where fla's Triton kernels compute them in bfloat16 (fla's chunk kernels refuse float32), and
 once on the CPU, where staterank's backend computes them in float32, with the same (bf16-rounded)
 weights. Reports the largest and the relative logit difference, the relative difference of the cached
-recurrent states (read through each family's adapter), and of the gradients w.r.t. the weights.
+recurrent states (read through each family's adapter), and of the gradients w.r.t. the weights; and, on the
+GPU, decoding with the states written in place against decoding through the model's own cache.
 
     python benchmarks/backend_vs_triton.py [--families kda kimi_linear ...] [--models tiny-deltanet] [--out FILE]
 """
@@ -101,6 +102,34 @@ def conv_check(batch: int = 4, channels: int = 8192, seq_len: int = 1000, width:
             "max_abs_diff_update": update_diff, "max_abs_diff_state": state_diff}  # fmt: skip
 
 
+@torch.no_grad()
+def decode_in_place_check(
+    name: str, model, vocab_size: int, batch: int = 4, prompt_len: int = 100, steps: int = 6
+) -> dict:
+    """Decoding with the states written in place (:class:`staterank.bench.StaticDecoder`, through fla's KDA kernel
+    with ``inplace_final_state``) against decoding through the model's own cache (fla's kernels returning new
+    states), in bfloat16 on the GPU: logits at every step, and how many states the decoder still had to copy."""
+    from staterank.bench import StaticDecoder
+
+    model.to("cuda", torch.bfloat16).eval()
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, vocab_size, (batch, prompt_len), generator=generator).cuda()
+    decoder = StaticDecoder(model, prompt, max_new_tokens=steps)
+    cache = model(input_ids=prompt, use_cache=True).past_key_values
+    worst = relative = 0.0
+    copies = []
+    for _ in range(steps):
+        expected = model(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True)
+        cache = expected.past_key_values
+        got = decoder.step().float()
+        copies.append(decoder.copies)
+        want = expected.logits.float()
+        worst = max(worst, (got - want).abs().max().item())
+        relative = max(relative, ((got - want).norm() / want.norm()).item())
+    return {"model": name, "batch": batch, "prompt_len": prompt_len, "steps": steps, "max_abs_logit_diff": worst,
+            "relative_logit_diff": relative, "state_copies_per_step": max(copies)}  # fmt: skip
+
+
 def random_configs() -> dict:
     """One small random config per family (hidden 512, 4 layers, d_k 128), keyed by 'model_type, description'."""
     from fla.models import DeltaNetConfig, GatedDeltaNetConfig, GatedDeltaProductConfig, KDAConfig
@@ -158,11 +187,13 @@ def main() -> int:
     configs = {name: build for name, build in random_configs().items() if name.split(",")[0] in args.families}
     conv = conv_check()
     print(json.dumps({"causal_conv1d": conv}), flush=True)
-    results = []
+    results, decoding = [], []
     for name, build in configs.items():
         torch.manual_seed(0)
         config = build()
         model = AutoModelForCausalLM.from_config(config)
+        decoding.append(decode_in_place_check(name, model, config.vocab_size))
+        print(json.dumps(decoding[-1]), flush=True)
         results.append(compare(name, model, config.vocab_size, args.batch, args.seq_len, args.backward))
         print(json.dumps(results[-1]), flush=True)
     for path in args.models:
@@ -184,7 +215,10 @@ def main() -> int:
         )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "causal_conv1d": conv, "results": results}, f, indent=2)
+            json.dump(
+                {"device": torch.cuda.get_device_name(), "causal_conv1d": conv, "results": results,
+                 "decode_in_place": decoding}, f, indent=2,
+            )  # fmt: skip
     return 0
 
 

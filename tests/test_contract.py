@@ -358,3 +358,32 @@ def test_static_decoding_equals_the_models_own_cache_and_keeps_its_memory(family
             cache = expected.past_key_values
             torch.testing.assert_close(decoder.step(), expected.logits, rtol=1e-5, atol=1e-5)
     assert [t.data_ptr() for t in decoder.states] == addresses
+
+
+# Families whose one-token step is a fused recurrent delta rule, gated delta rule or KDA (GLA and linear
+# attention decode through other kernels, and their states are copied back)
+IN_PLACE = sorted(set(FAMILIES) - {"gla", "linear_attn"})
+
+
+@pytest.mark.parametrize("family", IN_PLACE)
+def test_static_decoding_writes_every_state_in_place(family, one_thread, monkeypatch):
+    """In the graph-ready decoder every linear layer's step overwrites its state where it lies: no copy."""
+    from staterank.backends import in_place
+    from staterank.bench import StaticDecoder
+
+    written = []
+    step = in_place.step
+
+    def watched(*args, **kwargs):
+        result = step(*args, **kwargs)
+        written.append(result is not None)
+        return result
+
+    monkeypatch.setattr(in_place, "step", watched)
+    model, adapter = build(family)
+    decoder = StaticDecoder(model, tokens()[:, :9], max_new_tokens=2)
+    for _ in range(2):
+        written.clear()
+        decoder.step()
+        assert written == [True] * len(adapter.linear_layers())
+        assert decoder.copies == 0

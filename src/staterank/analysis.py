@@ -4,8 +4,8 @@ Attention LLMs", 2026).
 
 For every sample, every linear-attention layer and every (value) head, the state S_t is rebuilt
 from the model's own q, k, v, beta and decay (the adapter's feature tap) at the requested
-positions, chunk-wise with matrix products on the model's device; the singular values of every layer's
-states of a batch are then taken at once on the host (:func:`staterank.rank.singular_values`: threaded LAPACK).
+positions, chunk-wise with matrix products on the model's device; their singular values are taken on host
+threads (LAPACK) while the model goes on with the next layers (:class:`staterank.rank.HostSingularValues`).
 Nothing but per-position metrics and final spectra is kept.
 """
 
@@ -25,11 +25,11 @@ from staterank.errors import StaterankError
 from staterank.loading import LoadedModel, input_device
 from staterank.models import HeadFeatures
 from staterank.rank import (
+    HostSingularValues,
     decided_at,
     log_positions,
     mean_pairwise_spearman,
     metrics_from_singular_values,
-    singular_values_of,
     spearman,
     split_groups,
     states_at,
@@ -100,27 +100,21 @@ def collect_metrics(
     device = input_device(loaded.model)
     batches = distributed.shard_batches(sequences, batch_size, "analysis")
     mine: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # batch index -> layer -> metric [P, B, Hv, ...]
-    current: dict[int, torch.Tensor] = {}  # layer -> states [P, B, Hv, d_k, d_v], for the batch running now
+    pending = {}  # layer -> the singular values of its states [P, B, Hv, r], being taken on the host
 
     def collect(features: HeadFeatures) -> None:
-        # [P, B, Hv, d_k, d_v]; to the host, where the singular values of all layers are taken at once, through
-        # page-locked memory (a copy into pageable memory ran at 1.5 GB/s on an H200's host, 0.2 s per sample)
-        states = states_at(features, positions).float()
-        if states.device.type == "cuda":
-            states = torch.empty(states.shape, dtype=states.dtype, pin_memory=True).copy_(states)
-        current[features.layer] = states.cpu()
+        # [P, B, Hv, d_k, d_v]: their singular values are taken on host threads while the model runs on
+        pending[features.layer] = spectra.submit(states_at(features, positions).float())
 
     shown = progress and distributed.is_main()
     bar = tqdm(total=sum(batch.shape[0] for _, batch in batches), unit="seq", desc=desc, disable=not shown)
-    with distributed.together(), torch.no_grad(), adapter.tap(collect):
+    with distributed.together(), torch.no_grad(), HostSingularValues() as spectra, adapter.tap(collect):
         for index, batch in batches:
-            current.clear()
+            pending.clear()
             loaded.model(input_ids=batch.to(device))
-            layers = list(current)
-            sigmas = singular_values_of([current[layer] for layer in layers])
             mine[index] = {
-                layer: {name: value.cpu() for name, value in metrics_from_singular_values(sigma, eps).items()}
-                for layer, sigma in zip(layers, sigmas, strict=True)
+                layer: {name: value.cpu() for name, value in metrics_from_singular_values(sigma(), eps).items()}
+                for layer, sigma in pending.items()
             }
             bar.update(batch.shape[0])
     bar.close()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from staterank.backends.in_place import states_in_place
 from staterank.errors import StaterankError
 from staterank.loading import LoadedModel
 from staterank.models import StaticCacheError, adapter_for
@@ -74,8 +75,9 @@ def _decode(model, prompt: torch.Tensor, steps: int) -> None:
 class StaticDecoder:
     """Greedy-free decoding through a cache whose tensors keep their memory from step to step.
 
-    The prompt fills the cache; every :meth:`step` feeds the static ``token`` [B, 1], copies the
-    states the model returns into the tensors the cache held before and puts those back. A step
+    The prompt fills the cache; every :meth:`step` feeds the static ``token`` [B, 1] with the fused recurrent
+    steps writing their states in place (:func:`staterank.backends.in_place.states_in_place`), copies any state
+    the model returns elsewhere into the tensor the cache held before, and puts those back. A step
     therefore reads and writes the same addresses every time, so it can be captured in a CUDA graph
     and replayed. The cache is the one the model's adapter provides for that
     (:meth:`~staterank.models.base.ModelAdapter.decoding_cache`: transformers' ``StaticCache`` for the
@@ -91,7 +93,8 @@ class StaticDecoder:
         self.steps = 0
         cache = self.adapter.decoding_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
         given = {} if cache is None else {"past_key_values": cache}
-        self.cache = model(input_ids=prompt, use_cache=True, **given).past_key_values
+        with torch.no_grad():
+            self.cache = model(input_ids=prompt, use_cache=True, **given).past_key_values
         try:
             self.states = self.adapter.static_cache_tensors(self.cache)  # the tensors every step writes into
         except StaticCacheError as error:
@@ -107,10 +110,13 @@ class StaticDecoder:
     def step(self) -> torch.Tensor:
         """Decode one token; returns the logits [B, 1, vocab] (a new tensor, or the graph's output)."""
         self._count_step()
-        logits = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True).logits
+        with states_in_place():  # fused recurrent steps write the state where it lies: nothing to copy below
+            logits = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True).logits
+        self.copies = 0  # state tensors the step returned elsewhere, copied back (none where written in place)
         for static, new in zip(self.states, self.adapter.static_cache_tensors(self.cache), strict=True):
             if new is not static:
                 static.copy_(new)
+                self.copies += 1
         self.adapter.set_static_cache_tensors(self.cache, self.states)
         return logits
 

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.stats
 import torch
 
-from staterank.backends import chunk_delta_rule_torch
+from staterank.backends import chunk_delta_rule_torch, delta_rule_states_torch
 from staterank.models import HeadFeatures
 
 
@@ -57,29 +57,32 @@ def states_at(
     Returns:
         ``[P, B, Hv, d_k, d_v]``, one state per position.
 
-    The sequence is cut at the requested positions and each segment runs through the chunked delta
-    rule with the previous segment's final state as its initial state, so the cost is that of one
-    pass over the sequence plus one extra (partial) chunk per position. A per-channel decay (KDA) runs in
-    chunks of at most 32, whose pairwise per-channel ratios stay small.
+    With one decay per head (or none) the states come from one chunked pass that computes no outputs
+    (:func:`staterank.backends.delta_rule_states_torch`). A per-channel decay (KDA, GLA) cuts the sequence at
+    the requested positions instead and runs each segment through the chunked rule with the previous
+    segment's final state as its initial state (one pass plus one partial chunk per position), in chunks of
+    at most 32, whose pairwise per-channel ratios stay small.
     """
     seq_len = features.q.shape[1]
     positions = _checked_positions(positions, seq_len)
     steps = features.k.shape[1] // seq_len  # delta steps per token: Gated DeltaProduct's num_householder, else 1
-    q, k, v, beta = (x.to(dtype) for x in (features.q, features.k, features.v, features.beta))
-    if steps > 1:  # q feeds only the outputs, which are discarded here; it has one entry per token, k one per step
-        q = k
+    k, v, beta = (x.to(dtype) for x in (features.k, features.v, features.beta))
     log_decay = None if features.log_decay is None else features.log_decay.to(dtype)
+    if log_decay is None or log_decay.ndim == 3:
+        return delta_rule_states_torch(
+            k, v, beta, log_decay, [t * steps for t in positions],
+            use_qk_l2norm=features.qk_l2norm, chunk_size=chunk_size, delta_rule=features.delta_rule,
+        )  # fmt: skip
 
-    if log_decay is not None and log_decay.ndim == 4:  # per key channel: [B, T, Hv, d_k]
-        chunk_size = min(chunk_size, 32)
+    # per key channel: [B, T, Hv, d_k]; q feeds only the outputs, which are discarded here
+    chunk_size = min(chunk_size, 32)
     states = []
     state = None
     start = 0
     for end in positions:
         segment = slice(start * steps, end * steps)
         _, state = chunk_delta_rule_torch(
-            q[:, segment], k[:, segment], v[:, segment], beta[:, segment],
-            None if log_decay is None else log_decay[:, segment],
+            k[:, segment], k[:, segment], v[:, segment], beta[:, segment], log_decay[:, segment],
             initial_state=state,
             output_final_state=True,
             chunk_size=min(chunk_size, (end - start) * steps),  # a short segment needs no padding to a full chunk
@@ -136,6 +139,58 @@ def singular_values_of(batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         for i, part in zip(indices, sigma.split([len(f) for f in flat]), strict=True):
             result[i] = part.reshape(*batches[i].shape[:-2], -1)
     return result
+
+
+class HostSingularValues:
+    """Singular values taken by LAPACK on host threads while the caller goes on (e.g. with the next layer).
+
+    Use as a context manager; :meth:`submit` starts the copy of a batch of matrices to the host (into
+    page-locked memory, without waiting, for matrices on a GPU: a pageable copy ran at 1.5 GB/s on an H200's
+    host) and queues its singular values in chunks of ``chunk`` matrices, one single-threaded LAPACK call each
+    (see :func:`singular_values` for why); it returns a function that waits for them and gives
+    ``[..., min(m, n)]`` on the host, as :func:`singular_values` would. ``workers`` defaults to one thread
+    fewer than torch's, the caller's thread keeping the GPU busy.
+    """
+
+    def __init__(self, workers: int | None = None, chunk: int = 64):
+        self.workers = workers or max(1, torch.get_num_threads() - 1)
+        self.chunk = chunk
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> HostSingularValues:
+        # torch's thread count is per thread (OpenMP): the workers' LAPACK calls run on one thread each
+        self._pool = ThreadPoolExecutor(self.workers, initializer=torch.set_num_threads, initargs=(1,))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
+
+    def submit(self, matrices: torch.Tensor):
+        if self._pool is None:
+            raise RuntimeError("HostSingularValues.submit outside its with block")
+        matrices = matrices.detach()
+        copied = None
+        if matrices.device.type == "cuda":
+            host = torch.empty(matrices.shape, dtype=matrices.dtype, pin_memory=True)
+            host.copy_(matrices, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            host = matrices.cpu()
+        shape = host.shape
+
+        def svdvals(part: torch.Tensor) -> torch.Tensor:
+            if copied is not None:
+                copied.synchronize()
+            return torch.linalg.svdvals(part)
+
+        futures = [self._pool.submit(svdvals, part) for part in host.reshape(-1, *shape[-2:]).split(self.chunk)]
+
+        def result() -> torch.Tensor:
+            return torch.cat([future.result() for future in futures]).reshape(*shape[:-2], -1)
+
+        return result
 
 
 def spectral_metrics(states: torch.Tensor, eps: float = 1e-4) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ per-key-channel ``g`` gives Kimi Delta Attention, and Gated DeltaProduct is the 
 from staterank.backends.conv import causal_conv1d, causal_conv1d_update
 from staterank.backends.delta_rule import (
     chunk_delta_rule_torch,
+    delta_rule_states_torch,
     delta_rule_step_torch,
     gdn_log_decay,
     l2_norm,
@@ -25,6 +26,7 @@ __all__ = [
     'causal_conv1d',
     'causal_conv1d_update',
     'chunk_delta_rule_torch',
+    'delta_rule_states_torch',
     'delta_rule_step_torch',
     'gdn_log_decay',
     'install',

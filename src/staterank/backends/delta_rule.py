@@ -176,6 +176,75 @@ def _scalar_chunks(q, k, v, beta, g, S, delta_rule=True):
     return o, S
 
 
+def delta_rule_states_torch(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None,
+    positions: list[int],
+    use_qk_l2norm: bool = True,
+    chunk_size: int = 64,
+    delta_rule: bool = True,
+) -> torch.Tensor:
+    """The state after each of ``positions`` steps, ``[P, B, HV, K, V]``, in one chunked pass without outputs.
+
+    Arguments as :func:`chunk_delta_rule_torch`, with one decay per head (``g`` ``[B, T, HV]`` or ``None``);
+    ``positions`` are step counts, sorted, unique, within ``[1, T]``. The states the chunk recurrence carries
+    are those at chunk boundaries; the state after ``i`` steps of chunk ``n`` follows from the chunk's initial
+    state and its updates ``delta`` (step ``j``'s update depends on steps ``<= j`` only, the system being
+    triangular), ``S = exp(gamma_i) S_0 + sum_{j <= i} exp(gamma_i - gamma_j) k_j delta_j^T``, for all positions
+    in one batched product. Nothing of the queries or outputs is computed.
+    """
+    B, T, H, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    dtype = _accumulation_dtype(k)
+    if use_qk_l2norm:
+        k = l2_norm(k)
+    k = _expand_key_heads(k.to(dtype), HV)
+    gated = g is not None
+    if g is None:
+        g = beta.new_zeros(beta.shape, dtype=dtype)
+    last = positions[-1]  # later steps do not matter
+    k, v, beta, g = (_chunks(x[:, :last].to(dtype), chunk_size) for x in (k, v, beta, g))
+    C = k.shape[-2]
+    gamma = g.cumsum(-1)  # [B, HV, NT, C]
+    causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+    u, w = v * beta[..., None], None
+    if delta_rule:
+        decay = torch.where(causal, gamma[..., :, None] - gamma[..., None, :], float('-inf')).exp()
+        k_beta = k * beta[..., None]
+        A = ((k_beta @ k.transpose(-1, -2)) * decay).tril(-1)
+        rhs = torch.cat((u, k_beta * gamma.exp()[..., None]), dim=-1)
+        u, w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split((V, K), dim=-1)
+    k_decayed_t = (k * (gamma[..., -1:] - gamma).exp()[..., None]).transpose(-1, -2)  # [B, HV, NT, K, C]
+    chunk_decay = gamma[..., -1].exp()[..., None, None]
+
+    S = k.new_zeros(B, HV, K, V)
+    starts, deltas = [], []  # per chunk: the state it starts from, and its updates
+    for n in range(k.shape[2]):
+        delta = u[:, :, n] if w is None else u[:, :, n] - w[:, :, n] @ S
+        starts.append(S)
+        deltas.append(delta)
+        S = k_decayed_t[:, :, n] @ delta + (chunk_decay[:, :, n] * S if gated else S)
+
+    # Index tensors go to the device without waiting for it (a blocking copy would stall the host's launches).
+    chunk_of = [(t - 1) // C for t in positions]
+    offset_of = [(t - 1) % C for t in positions]  # the position's last step in its chunk
+
+    def on_device(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values).to(k.device, non_blocking=True)
+
+    chunk, offset = on_device(chunk_of), on_device(offset_of)
+    gamma_at = gamma[:, :, chunk, offset]  # [B, HV, P]
+    steps = torch.arange(C, device=k.device)
+    # exp(gamma_i - gamma_j) for the steps j <= i of the position's chunk: [B, HV, P, C]
+    weight = torch.where(steps <= offset[:, None], gamma_at[..., None] - gamma[:, :, chunk], float('-inf')).exp()
+    start = torch.stack([starts[c] for c in chunk_of], dim=2)  # [B, HV, P, K, V]
+    delta = torch.stack([deltas[c] for c in chunk_of], dim=2)  # [B, HV, P, C, V]
+    states = gamma_at.exp()[..., None, None] * start + (k[:, :, chunk] * weight[..., None]).transpose(-1, -2) @ delta
+    return states.permute(2, 0, 1, 3, 4)
+
+
 def _per_channel_chunks(q, k, v, beta, g, S, delta_rule=True):
     """The chunk recurrence with one decay per key channel (KDA); same arguments as :func:`_scalar_chunks`."""
     C, V = q.shape[-2], v.shape[-1]

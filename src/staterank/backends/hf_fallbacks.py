@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from staterank.backends import in_place
+
 #: transformers modelling modules whose linear-attention layers call kernels bound at import time
 _MODULES = (
     "qwen3_next",
@@ -59,6 +61,7 @@ def use_torch_fallbacks_on_cpu() -> None:
 
     Idempotent; modules missing from the installed transformers are skipped.
     """
+    has_fla = importlib.util.find_spec("fla") is not None
     for name in _MODULES:
         try:
             module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
@@ -71,7 +74,8 @@ def use_torch_fallbacks_on_cpu() -> None:
             reference = inspect.unwrap(chosen)
             if reference is not chosen:
                 gpu = _gpu_op(function_name, chosen)
-                setattr(module, function_name, _dispatch_on_device(gpu, _torch_op(function_name, reference)))
+                kind = _IN_PLACE_KINDS.get(function_name) if has_fla else None
+                setattr(module, function_name, _dispatch_on_device(gpu, _torch_op(function_name, reference), kind))
 
 
 def _torch_op(function_name: str, reference: Callable) -> Callable:
@@ -125,22 +129,47 @@ def fla_causal_conv1d_update(
     return y.transpose(1, 2)
 
 
-def _dispatch_on_device(chosen: Callable, reference: Callable) -> Callable:
-    """``reference`` for CPU inputs (device of the first tensor argument), ``chosen`` otherwise."""
+def _dispatch_on_device(chosen: Callable, reference: Callable, in_place_kind: str | None = None) -> Callable:
+    """``reference`` for CPU inputs (device of the first tensor argument), ``chosen`` otherwise; a fused recurrent
+    step (``in_place_kind``) writes its state in place inside :func:`staterank.backends.in_place.states_in_place`."""
     parameters = inspect.signature(reference).parameters
     takes_any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
-    @functools.wraps(chosen)
-    def dispatch(*args, **kwargs):
-        first = next(x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor))
-        if first.device.type != "cpu":
-            return chosen(*args, **kwargs)
-        # The references ignore packed-sequence boundaries: refuse rather than mix sequences.
+    def on_cpu(*args, **kwargs):
         if kwargs.get("cu_seqlens") is not None or kwargs.get("seq_idx") is not None:
             raise ValueError(f"{reference.__name__} on CPU cannot keep packed sequences apart (cu_seqlens/seq_idx)")
         if not takes_any_keyword:
             kwargs = {key: value for key, value in kwargs.items() if key in parameters}
         return reference(*args, **kwargs)
 
+    @functools.wraps(chosen)
+    def dispatch(*args, **kwargs):
+        first = next(x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor))
+        if in_place_kind is not None and in_place.active():
+            done = in_place.step(in_place_kind, _FLA_STEPS[in_place_kind](), on_cpu, args, kwargs, False)
+            if done is not None:
+                return done
+        if first.device.type != "cpu":
+            return chosen(*args, **kwargs)
+        return on_cpu(*args, **kwargs)
+
     dispatch._staterank_dispatch = True
     return dispatch
+
+
+def _fla_gated_delta_rule_step() -> Callable:
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+    return fused_recurrent_gated_delta_rule
+
+
+def _fla_kda_step() -> Callable:
+    from fla.ops.kda import fused_recurrent_kda
+
+    return fused_recurrent_kda
+
+
+#: fla's fused recurrent step of each in-place kind, whose signature transformers' calls follow
+_FLA_STEPS = {"gated_delta_rule": _fla_gated_delta_rule_step, "kda": _fla_kda_step}
+#: transformers' names of the fused recurrent steps, by in-place kind
+_IN_PLACE_KINDS = {"torch_recurrent_gated_delta_rule": "gated_delta_rule", "recurrent_kimi_delta_attention": "kda"}

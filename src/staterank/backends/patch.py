@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from staterank.backends import activations, conv, delta_product, delta_rule, gla, kda, losses, norm
+from staterank.backends import activations, conv, delta_product, delta_rule, gla, in_place, kda, losses, norm
 
 # (owner: "module" or "module:Class", attribute, CPU implementation with the same signature)
 _PATCHES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
@@ -80,6 +80,12 @@ _DELTA_RULE_ATTRIBUTES = frozenset(
     )
 )
 _torch_everywhere: frozenset[str] = frozenset()
+# The fused recurrent steps that may write their state in place (:mod:`staterank.backends.in_place`), by rule.
+_IN_PLACE_STEPS = {
+    'fused_recurrent_delta_rule': 'delta_rule',
+    'fused_recurrent_gated_delta_rule': 'gated_delta_rule',
+    'fused_recurrent_kda': 'kda',
+}
 
 
 def use_torch_kernels(choice: str) -> None:
@@ -118,16 +124,21 @@ def _device_dispatcher(
     @functools.wraps(original)
     def dispatcher(*args: Any, **kwargs: Any) -> Any:
         tensor = _first_tensor(args, kwargs)
-        if tensor is not None and tensor.device.type == 'cpu':
-            return cpu_impl(*args, **kwargs)
-        if tensor is not None and attribute in _torch_everywhere:
-            # The PyTorch delta rule accumulates in float32 itself; autocast would push its products to bf16.
-            guard = (
-                torch.autocast(tensor.device.type, enabled=False)
-                if attribute in _DELTA_RULE_ATTRIBUTES and torch.amp.is_autocast_available(tensor.device.type)
-                else contextlib.nullcontext()
-            )
-            with guard:
+        on_cpu = tensor is not None and tensor.device.type == 'cpu'
+        everywhere = tensor is not None and attribute in _torch_everywhere
+        # The PyTorch delta rule accumulates in float32 itself; autocast would push its products to bf16.
+        guard = (
+            torch.autocast(tensor.device.type, enabled=False)
+            if everywhere and not on_cpu and attribute in _DELTA_RULE_ATTRIBUTES
+            and torch.amp.is_autocast_available(tensor.device.type)
+            else contextlib.nullcontext()
+        )
+        with guard:
+            if attribute in _IN_PLACE_STEPS and in_place.active():
+                done = in_place.step(_IN_PLACE_STEPS[attribute], original, cpu_impl, args, kwargs, everywhere)
+                if done is not None:
+                    return done
+            if on_cpu or everywhere:
                 return cpu_impl(*args, **kwargs)
         return original(*args, **kwargs)
 
