@@ -42,6 +42,19 @@ def per_call_us(fn, calls: int = 100, repeats: int = 20) -> float:
     return statistics.median(times)
 
 
+def layouts(x: torch.Tensor, w: torch.Tensor, both: torch.Tensor, width: int) -> dict[str, float]:
+    row = {}
+    for library in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(library)
+        row[f"linear_{library}_us"] = per_call_us(lambda: F.linear(x, w))
+        row[f"two_linear_{library}_us"] = per_call_us(lambda: (F.linear(x, w), F.linear(x, w)))
+        row[f"fused_qk_{library}_us"] = per_call_us(lambda: F.linear(x, both).split(width, -1))
+    torch.backends.cuda.preferred_blas_library("cublas")
+    wt = w.t().contiguous()
+    row["matmul_transposed_copy_us"] = per_call_us(lambda: x @ wt)
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=2048)
@@ -58,14 +71,7 @@ def main() -> int:
         for width in args.widths:
             w = torch.randn(width, args.hidden, device="cuda", dtype=torch.bfloat16)
             both = torch.randn(2 * width, args.hidden, device="cuda", dtype=torch.bfloat16)
-            row = {"batch": batch, "in": args.hidden, "out": width}
-            for library in ("cublas", "cublaslt"):
-                torch.backends.cuda.preferred_blas_library(library)
-                row[f"linear_{library}_us"] = per_call_us(lambda: F.linear(x, w))
-                row[f"two_linear_{library}_us"] = per_call_us(lambda: (F.linear(x, w), F.linear(x, w)))
-                row[f"fused_qk_{library}_us"] = per_call_us(lambda: F.linear(x, both).split(width, -1))
-            torch.backends.cuda.preferred_blas_library("cublas")
-            row["matmul_transposed_copy_us"] = per_call_us(lambda wt=w.t().contiguous(): x @ wt)
+            row = {"batch": batch, "in": args.hidden, "out": width, **layouts(x, w, both, width)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:
