@@ -11,8 +11,10 @@ from transformers import AutoModelForCausalLM
 from staterank.models import HeadFeatures
 
 
-def delta_rule_loop(features: HeadFeatures) -> tuple[torch.Tensor, torch.Tensor]:
-    """The delta rule token by token in float64, straight from its definition.
+def delta_rule_loop(
+    features: HeadFeatures, initial_state: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta rule token by token in float64, straight from its definition, from ``initial_state`` (or zeros).
 
     S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,   o_t = S_t^T q_t / sqrt(d_k),
     with q, k L2-normalised and value head h reading key head h // (Hv / Hk).
@@ -27,6 +29,8 @@ def delta_rule_loop(features: HeadFeatures) -> tuple[torch.Tensor, torch.Tensor]
     k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
     scale = d_k**-0.5
     state = torch.zeros(batch, num_v, d_k, d_v, dtype=torch.float64)
+    if initial_state is not None:
+        state = initial_state.double().clone()
     out = torch.zeros(batch, seq, num_v, d_v, dtype=torch.float64)
     eye = torch.eye(d_k, dtype=torch.float64)
     for t in range(seq):

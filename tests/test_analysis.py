@@ -104,3 +104,24 @@ def test_final_state_equals_the_cached_state(model_dir):
     for layer, f in features.items():
         final = states_at(f, [150])[0]  # [B, Hv, d_k, d_v]
         torch.testing.assert_close(final, loaded.adapter.cached_state(cache, layer).float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "fla"])
+def test_the_forward_runs_on_the_kernels_asked_for(model_dir, tmp_path, monkeypatch, kernels):
+    """--kernels torch routes every patched operation to staterank's PyTorch kernels for the analysis only."""
+    from staterank import analysis, backends
+
+    seen = []
+    collect = analysis.collect_metrics
+
+    def watched(*args, **kwargs):
+        seen.append(backends.torch_kernels())
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "collect_metrics", watched)
+    before = backends.torch_kernels()
+    result = api.analyze(model_dir, "techdocs-val", tmp_path / "out", samples=1, seq_len=32, kernels=kernels,
+                         progress=False)
+    assert seen == ["all" if kernels == "torch" else before]
+    assert backends.torch_kernels() == before
+    assert json.loads((tmp_path / "out" / "rank.json").read_text())["kernels"] == result["kernels"] == kernels

@@ -13,6 +13,7 @@ from reference import delta_rule_loop
 
 from staterank.models import HeadFeatures
 from staterank.rank import (
+    HostSingularValues,
     decided_at,
     log_positions,
     mean_pairwise_spearman,
@@ -134,6 +135,23 @@ def test_singular_values_of_batches_of_mixed_shapes():
     for sigma, expected in zip(sigmas, spectra, strict=True):
         padded = F.pad(expected, (0, sigma.shape[-1] - 4))  # an 8 x 6 matrix of rank <= 4 has two zeros more
         torch.testing.assert_close(sigma.reshape(12, -1), padded, atol=1e-12, rtol=1e-12)
+
+
+def test_host_singular_values_while_the_caller_goes_on():
+    # 150 matrices of 8 x 6 with spectra set by hand, in chunks of 64 over two worker threads, beside a second batch
+    g = torch.Generator().manual_seed(11)
+    spectra = torch.rand(150, 6, generator=g, dtype=torch.float64).sort(-1, descending=True).values
+    spectra[::7, 3:] = 0.0  # some of rank 3
+    matrices = torch.stack([orthonormal(8, 6, g) @ torch.diag(s) @ orthonormal(6, 6, g).T for s in spectra])
+    with HostSingularValues(workers=2, chunk=64) as host:
+        first = host.submit(matrices.reshape(3, 50, 8, 6))
+        second = host.submit(matrices[:5].transpose(-1, -2))
+        torch.testing.assert_close(second(), spectra[:5], atol=1e-12, rtol=1e-12)
+        sigma = first()
+    assert sigma.shape == (3, 50, 6)
+    torch.testing.assert_close(sigma.reshape(150, 6), spectra, atol=1e-12, rtol=1e-12)
+    with pytest.raises(RuntimeError, match="outside"):
+        host.submit(matrices)
 
 
 def test_metrics_effective_rank_threshold_and_float32():

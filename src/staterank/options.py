@@ -211,6 +211,12 @@ class AnalyzeOptions(Loading):
     )
     eps: float = option(1e-4, "effective rank counts singular values > eps * largest", open_unit)
     batch_size: int = option(1, "sequences per forward pass", positive_int)
+    kernels: str = option(
+        "torch",
+        "the forward's linear-attention kernels on a GPU: torch (staterank's PyTorch ones, nothing to compile) or "
+        "fla (fla's Triton ones: faster per sample, after one to two minutes of compiling on a fresh machine)",
+        choices=("torch", "fla"),
+    )
     overwrite: bool = option(False, "replace an existing --out")
 
 

@@ -20,7 +20,7 @@ from staterank.backends.delta_rule import (
     l2_norm,
 )
 from staterank.backends.norm import rms_norm, rms_norm_gated
-from staterank.backends.patch import install, is_installed, torch_kernels, use_torch_kernels
+from staterank.backends.patch import install, is_installed, torch_kernels, torch_kernels_within, use_torch_kernels
 
 __all__ = [
     'causal_conv1d',
@@ -35,5 +35,6 @@ __all__ = [
     'rms_norm',
     'rms_norm_gated',
     'torch_kernels',
+    'torch_kernels_within',
     'use_torch_kernels',
 ]

@@ -64,7 +64,7 @@ def step(
         or state.dtype != torch.float32
         or not state.is_contiguous()
         or (state.requires_grad and torch.is_grad_enabled())
-        or any(a.get(name) not in (None, False) for name in _MUST_BE_DEFAULT)
+        or any(a.get(name) is not None and a.get(name) is not False for name in _MUST_BE_DEFAULT)
         or "transpose_state_layout" in (a.get("kwargs") or {})
         or (kind == "gated_delta_rule" and (a.get("g") is None) == (a.get("gk") is None))
         or (a.get("gk") is not None and a.get("use_gate_in_kernel"))

@@ -104,6 +104,17 @@ def use_torch_kernels(choice: str) -> None:
         _torch_everywhere = frozenset(attribute for _, attribute, _ in _PATCHES)
 
 
+@contextlib.contextmanager
+def torch_kernels_within(choice: str):
+    """:func:`use_torch_kernels` for the duration of a ``with`` block; the previous choice afterwards."""
+    previous = torch_kernels()
+    use_torch_kernels(choice)
+    try:
+        yield
+    finally:
+        use_torch_kernels(previous)
+
+
 def torch_kernels() -> str:
     """The current choice of :func:`use_torch_kernels`."""
     if not _torch_everywhere:
