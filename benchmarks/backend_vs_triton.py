@@ -104,7 +104,7 @@ def conv_check(batch: int = 4, channels: int = 8192, seq_len: int = 1000, width:
 
 @torch.no_grad()
 def decode_in_place_check(
-    name: str, model, vocab_size: int, batch: int = 4, prompt_len: int = 100, steps: int = 6
+    name: str, model, vocab_size: int, batch: int = 4, prompt_len: int = 40, steps: int = 6
 ) -> dict:
     """Decoding with the states written in place (:class:`staterank.bench.StaticDecoder`, through fla's KDA kernel
     with ``inplace_final_state``) against decoding through the model's own cache (fla's kernels returning new
