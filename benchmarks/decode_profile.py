@@ -86,7 +86,8 @@ def main() -> int:
     for config in args.configs:
         loaded = _from_config(config, "cuda", torch.bfloat16)
         state_bytes = loaded.adapter.state_bytes_per_seq()
-        for batch in (int(b) for b in args.batch_sizes.split(",")):
+        # largest batch first, as staterank bench does (fla autotunes its conv update once, whatever the batch)
+        for batch in sorted((int(b) for b in args.batch_sizes.split(",")), reverse=True):
             prompt = torch.randint(0, loaded.model.config.vocab_size, (batch, 16), device="cuda")
             capacity = 4 + args.steps * (args.repeats + 2)
             graphed = GraphedDecoder(loaded.model, prompt, capacity)
