@@ -79,3 +79,39 @@ def fused_recurrent_linear_attn(q, k, v, scale=None, initial_state=None, output_
     if reverse:
         raise NotImplementedError("the CPU linear-attention backend runs forward in time only")
     return chunk_linear_attn(q, k, v, scale, initial_state, output_final_state, **kwargs)
+
+
+def retention_log_decay(num_heads: int, device=None) -> torch.Tensor:
+    """RetNet's fixed decay per head, ``log(1 - 2^(-5 - h))`` for head ``h`` (fla's ``g_gamma``)."""
+    return (1 - 2.0 ** (-5.0 - torch.arange(num_heads, dtype=torch.float, device=device))).log()
+
+
+def chunk_retention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    state_v_first: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CPU version of ``fla.ops.retention.chunk_retention`` (and its fused forms): ``S_t = gamma_h S_{t-1} + k_t
+    v_t^T`` with the fixed decay of :func:`retention_log_decay`, state ``[N, H, K, V]``."""
+    if kwargs.get("reverse"):
+        raise NotImplementedError("the CPU retention backend runs forward in time only")
+    g = retention_log_decay(q.shape[2], q.device).expand(*q.shape[:3])
+    ones = torch.ones_like(v[..., 0], dtype=torch.promote_types(v.dtype, torch.float32))
+    return _delta_rule(
+        q, k, v, ones, g, initial_state, output_final_state, scale, False, state_v_first=state_v_first,
+        cu_seqlens=cu_seqlens, chunk_size=64, out_dtype=v.dtype, delta_rule=False,
+    )  # fmt: skip
+
+
+def parallel_retention(q, k, v, scale=None, output_attentions=False, cu_seqlens=None):
+    """CPU version of ``fla.ops.retention.parallel_retention``: the outputs, and no attention matrix."""
+    if output_attentions:
+        raise NotImplementedError("the CPU retention backend does not return the attention matrix")
+    o, _ = chunk_retention(q, k, v, scale, cu_seqlens=cu_seqlens)
+    return o, None

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from staterank.backends import activations, conv, delta_product, delta_rule, gla, in_place, kda, losses, norm
+from staterank.backends import activations, conv, delta_product, delta_rule, gla, in_place, kda, losses, norm, rotary
 
 # (owner: "module" or "module:Class", attribute, CPU implementation with the same signature)
 _PATCHES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
@@ -46,6 +46,12 @@ _PATCHES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     ('fla.layers.linear_attn', 'chunk_linear_attn', gla.chunk_linear_attn),
     ('fla.layers.linear_attn', 'fused_chunk_linear_attn', gla.chunk_linear_attn),
     ('fla.layers.linear_attn', 'fused_recurrent_linear_attn', gla.fused_recurrent_linear_attn),
+    # RetNet layer (fla retnet): a fixed decay per head, no delta correction, rotary q and k.
+    ('fla.layers.multiscale_retention', 'chunk_retention', gla.chunk_retention),
+    ('fla.layers.multiscale_retention', 'fused_chunk_retention', gla.chunk_retention),
+    ('fla.layers.multiscale_retention', 'fused_recurrent_retention', gla.chunk_retention),
+    ('fla.layers.multiscale_retention', 'parallel_retention', gla.parallel_retention),
+    ('fla.modules.rotary.ops', 'rotary_embedding', rotary.rotary_embedding),
     # Gated DeltaNet fuses the q/k/v convolutions into one call when no cache is involved.
     ('fla.layers.gated_deltanet', 'causal_conv1d', conv.causal_conv1d),
     ('fla.modules.causal_conv1d.ops:ShortConvolution', 'forward', conv.short_convolution_forward),
@@ -76,7 +82,8 @@ _DELTA_RULE_ATTRIBUTES = frozenset(
     (
         'chunk_delta_rule', 'fused_recurrent_delta_rule', 'chunk_gated_delta_rule', 'fused_recurrent_gated_delta_rule',
         'chunk_kda', 'fused_recurrent_kda', 'chunk_gated_delta_product', 'chunk_gla', 'fused_recurrent_gla',
-        'chunk_linear_attn', 'fused_chunk_linear_attn', 'fused_recurrent_linear_attn',
+        'chunk_linear_attn', 'fused_chunk_linear_attn', 'fused_recurrent_linear_attn', 'chunk_retention',
+        'fused_chunk_retention', 'fused_recurrent_retention', 'parallel_retention',
     )
 )
 _torch_everywhere: frozenset[str] = frozenset()

@@ -48,6 +48,7 @@ from staterank.models import (  # noqa: E402, F401
     olmo_hybrid,
     qwen3_5,
     qwen3_next,
+    retnet,
 )
 
 __all__ = [

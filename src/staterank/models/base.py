@@ -281,6 +281,21 @@ class ModelAdapter(ABC):
 
     # --- surgery --------------------------------------------------------------------------
 
+    #: Why this family's q/k channels cannot be pruned into a model its stock classes describe (None: they can).
+    channel_pruning_refusal: str | None = None
+    #: Why its heads cannot be removed so (None: they can).
+    head_pruning_refusal: str | None = None
+
+    def check_channel_pruning(self) -> None:
+        """PruningShapeError, in one line, if the family refuses q/k channel pruning."""
+        if self.channel_pruning_refusal is not None:
+            raise PruningShapeError(f"{self.family}: q/k channels cannot be pruned: {self.channel_pruning_refusal}")
+
+    def check_head_pruning(self) -> None:
+        """PruningShapeError, in one line, if the family refuses head pruning."""
+        if self.head_pruning_refusal is not None:
+            raise PruningShapeError(f"{self.family}: heads cannot be removed: {self.head_pruning_refusal}")
+
     def keep_qk_channels(self, keep: dict[int, torch.Tensor]) -> None:
         """Keep, per linear layer and key head, the given q/k channels (the same for q and k).
 
@@ -289,6 +304,7 @@ class ModelAdapter(ABC):
         ``keep`` are left alone only if they already have d_k' channels. Changes the model in
         place and updates its config.
         """
+        self.check_channel_pruning()
         layers = self.linear_layers()
         missing = [i for i in keep if i not in layers]
         if missing:
@@ -328,6 +344,7 @@ class ModelAdapter(ABC):
         every key head that keeps any value head must keep the same number of them (the kernels
         assume equal groups), and a key head that keeps none is removed with its q/k channels.
         """
+        self.check_head_pruning()
         layers = self.linear_layers()
         layouts = set()
         plans = {}

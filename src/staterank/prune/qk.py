@@ -146,6 +146,7 @@ def prune_channels(
     opts = resolve(PruneOptions, opts, overrides)
     data, align, seed = opts.data, opts.align, opts.seed
     adapter = loaded.adapter
+    adapter.check_channel_pruning()  # before any calibration
     criterion = get_criterion(method, **opts.options)
     check_channel_options(criterion, ratio, align, data)
     dims = {shape.head_k_dim for shape in adapter.shapes()}

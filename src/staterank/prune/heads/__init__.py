@@ -296,6 +296,7 @@ def prune_heads(
     scope, unit, seed = opts.scope, opts.unit, opts.seed
     check_head_options(criterion, ratio, opts.data, scope, unit)
     adapter = loaded.adapter
+    adapter.check_head_pruning()  # before any profiling
     shapes = {shape.layer: shape for shape in adapter.shapes()}
     if scope == "layer":  # refuse before profiling: the counts follow from the layout alone
         plan_removal(shapes, ratio, unit)
