@@ -29,6 +29,8 @@ EVALUATE = ["--data", "techdocs-val", "--tasks", "ppl,ppl-by-position", "--seq-l
 ANALYZE = ["--data", "techdocs-val", "--samples", "4", "--seq-len", "64", "--device", "cpu"]
 FINETUNE = {"steps": 6, "batch_size": 4, "seq_len": 32, "max_train_tokens": 512, "lr": 3e-2, "warmup_steps": 1,
             "lora_rank": 4, "lora_alpha": 8, "kd_weight": 0.5, "save_every": 0, "progress": False}  # fmt: skip
+#: Sharded (FSDP2) with every rank's 2 rows of a batch in 2 passes of 1: the same run as FINETUNE's.
+SHARDED = {**FINETUNE, "parallel": "fsdp", "grad_accum": 2}
 #: 3 sequences in batches of 1: 3 batches do not split over 2 ranks.
 UNEVEN = ["--method", "rrqr", "--ratio", "0.5", "--data", "techdocs-val", "--calib-tokens", "96", "--seq-len", "32",
           "--batch-size", "1", "--device", "cpu"]  # fmt: skip
@@ -64,6 +66,15 @@ def main(model: str, workdir: Path) -> None:
     first = finetune(model, "techdocs-val", out, teacher=model, device="cpu", stop_after=3, **FINETUNE)
     last = finetune(model, "techdocs-val", out, teacher=model, device="cpu", resume=True, **FINETUNE)
     calls["finetune"] = {"first_steps": first["steps"], "steps": last["steps"], "losses": last["losses"]}
+    # The same, sharded, the teacher sharded too; and one more run stopped after 3 steps, which the test resumes
+    # in one process (another world size).
+    sharded = workdir / "sharded"
+    finetune(model, "techdocs-val", sharded, teacher=model, device="cpu", stop_after=3, **SHARDED)
+    last = finetune(model, "techdocs-val", sharded, teacher=model, device="cpu", resume=True, **SHARDED)
+    calls["sharded"] = {"steps": last["steps"], "losses": last["losses"], "parallel": last["parallel"]}
+    finetune(model, "techdocs-val", workdir / "sharded-half", teacher=model, device="cpu", stop_after=3, **SHARDED)
+    calls["sharded_uneven"] = run_cli(["finetune", model, "--data", "techdocs-val", "--out", str(workdir / "bad"),
+                                       "--parallel", "fsdp", "--batch-size", "3", "--device", "cpu"])  # fmt: skip
     (workdir / f"rank{rank}.json").write_text(json.dumps(calls))
 
 

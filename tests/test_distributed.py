@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distributed_worker import ANALYZE, CALIBRATION, EVALUATE, FINETUNE, PRUNE
+from distributed_worker import ANALYZE, CALIBRATION, EVALUATE, FINETUNE, PRUNE, SHARDED
 from reference import tiny_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -148,6 +149,35 @@ def test_resumed_ddp_finetune_gives_the_weights_of_one_process(models, parallel,
     assert moved and all(not torch.equal(one[name], base[name]) for name in moved)  # LoRA changed them
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_sharded_finetune_gives_the_weights_of_one_process(models, parallel, tmp_path):
+    """FSDP2 over 2 ranks (teacher sharded too, 2 accumulated passes per step, interrupted and resumed), and a
+    2-rank checkpoint resumed in one process, both merge to the weights of the uninterrupted one-process run."""
+    out = tmp_path / "one"  # interrupted where the worker's run was, so that the losses are logged at its steps
+    finetune(models[0], "techdocs-val", out, teacher=models[0], device="cpu", stop_after=3, **FINETUNE)
+    summary = finetune(models[0], "techdocs-val", out, teacher=models[0], device="cpu", resume=True, **FINETUNE)
+    one = load_file(out / "model.safetensors")
+    worker = json.loads((parallel / "rank0.json").read_text())["sharded"]
+    assert worker["steps"] == summary["steps"] == 6 and worker["parallel"] == "fsdp"
+    for ours, theirs in zip(worker["losses"], summary["losses"], strict=True):
+        assert ours["step"] == theirs["step"] and ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4)
+    half = tmp_path / "half"
+    shutil.copytree(parallel / "sharded-half", half)
+    resumed = finetune(models[0], "techdocs-val", half, teacher=models[0], device="cpu", resume=True, **SHARDED)
+    assert resumed["world_size"] == 1 and resumed["steps"] == 6
+    for other in (load_file(parallel / "sharded" / "model.safetensors"), load_file(half / "model.safetensors")):
+        assert other.keys() == one.keys()
+        for name, value in one.items():
+            torch.testing.assert_close(other[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_sharded_launch_whose_world_size_does_not_divide_the_batch_stops_every_rank(parallel):
+    for rank in (0, 1):
+        call = json.loads((parallel / f"rank{rank}.json").read_text())["sharded_uneven"]
+        assert call["code"] == 2
+        assert call["stderr"].count("\n") == 1 and "cannot be split evenly over 2 ranks" in call["stderr"]
+    assert not (parallel / "bad").exists()
 
 
 def test_a_world_size_that_does_not_divide_the_batches_stops_every_rank(parallel):

@@ -100,6 +100,21 @@ def world() -> World:
     return _WORLD
 
 
+@contextmanager
+def process_group(device_type: str) -> Iterator[None]:
+    """A process group for the block: the launch's, or, in a one-process run, a group of one (for FSDP2, which
+    shards over a device mesh even when it holds one rank), destroyed at the block's end."""
+    world()
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def is_main() -> bool:
     """Whether this process writes outputs and shows progress: rank 0, or the only process."""
     return world().rank == 0

@@ -261,6 +261,16 @@ class FinetuneOptions(Common):
     steps: int = option(200, "optimizer steps", positive_int)
     batch_size: int = option(8, "sequences per step", positive_int)
     micro_batch_size: int | None = option(None, MICRO_BATCH_HELP, positive_int)
+    grad_accum: int | None = option(
+        None, "forward passes per step on each rank, their gradients added (gradient accumulation)", positive_int
+    )
+    grad_checkpointing: bool = option(False, "recompute each layer's activations in the backward pass")
+    parallel: str = option(
+        "ddp",
+        "under torchrun / accelerate launch: ddp (a replica of the model on every rank) or fsdp (the frozen base "
+        "and the LoRA weights sharded over the ranks with FSDP2; also in one process)",
+        choices=("ddp", "fsdp"),
+    )
     seq_len: int = option(512, "tokens per sequence", sequence_length)
     lr: float = option(1e-4, "peak learning rate", positive_float)
     warmup_steps: int = option(20, "linear warmup steps", non_negative_int, flag=None)

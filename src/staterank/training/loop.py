@@ -30,7 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -41,6 +45,8 @@ from staterank.io import output_dir
 from staterank.validate import check_output_path
 
 ADAM_BETAS = (0.9, 0.95)
+#: 2: parameters and optimizer state keyed by parameter name, gathered in full (any sharding, any world size)
+CHECKPOINT_VERSION = 2
 LOG_EVERY = 10  # steps between reading the losses back from the device (each read waits for the GPU)
 
 #: The loss of a batch: (the model to call, token ids [rows, seq_len]) -> named scalar losses. The first,
@@ -59,6 +65,7 @@ class State:
     validations: list[dict[str, Any]] = field(default_factory=list)  # the validate hook's results, step and tokens
     final_loss: float = math.nan  # the mean loss of the last logged steps
     finished: bool = False  # all the steps done (not stopped early)
+    peak_memory_gib_by_rank: list[float] | None = None  # CUDA: the largest memory allocated, on each rank
 
 
 def train_loop(
@@ -79,6 +86,8 @@ def train_loop(
     stop_after: int | None = None,
     progress: bool = True,
     name: str = "train",
+    parallel: str = "ddp",
+    blocks: list[torch.nn.Module] | None = None,
 ) -> State:
     """Train MODEL's parameters in ``param_groups`` on SEQUENCES [n, seq_len]; return the run's :class:`State`.
 
@@ -90,6 +99,13 @@ def train_loop(
     tokenizer). ``validate(step)`` returns a record (printing it is the hook's part), kept in
     ``State.validations`` with the step and the tokens seen. ``micro_batch_size``: rows per forward and
     backward pass on each rank (None: the rank's whole slice of the batch).
+
+    ``parallel``: ``"ddp"`` keeps a replica of the model on every rank of a launch (DDP); ``"fsdp"`` shards it
+    over the ranks with FSDP2 (``fully_shard`` on each of ``blocks``, the decoder layers, then on the whole
+    model; bf16 parameters and float32 gradient reduction on CUDA), also in one process (inside
+    :func:`staterank.distributed.process_group`). Checkpoints hold the trained parameters and their optimizer
+    state gathered in full (through ``torch.distributed.checkpoint.state_dict``), so a run resumes with another
+    world size or the other choice.
     """
     steps, batch_size, seed = options["steps"], options["batch_size"], options["seed"]
     device = next(model.parameters()).device
@@ -97,19 +113,24 @@ def train_loop(
     rows = distributed.split_batch(batch_size)  # this rank's rows of every batch
     # DDP averages the gradients of the ranks' slices: the gradient of the mean loss over the whole batch.
     trained = model
-    if here.parallel:
+    if parallel == "fsdp":
+        param_groups = shard(model, blocks or [], device, param_groups)
+    elif here.parallel:
         trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(param_groups, lr=options["lr"], betas=ADAM_BETAS, fused=device.type == "cuda")
     autocast = mixed_precision(device)
+    # the trained parameters and their optimizer state, gathered in full whatever the sharding
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
     # -- the state, or the checkpoint's --------------------------------------------------------
     state = State()
     if resume:
         with distributed.together():  # every rank reads the checkpoint rank 0 wrote
             saved = load_checkpoint(checkpoint_dir, options, run_defining, sequences.shape[0])
-        model.load_state_dict(saved["parameters"], strict=False)  # the trained ones; the others are rebuilt
-        optimizer.load_state_dict(saved["optimizer"])
+        # the trained parameters (the others are rebuilt) and their optimizer state, sharded as this run is
+        set_state_dict(model, optimizer, model_state_dict=saved["parameters"], optim_state_dict=saved["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))  # fmt: skip
         state = State(**saved["state"])
         ranks_rng = saved["rng_by_rank"]
         restore_rng_state(ranks_rng[here.rank] if len(ranks_rng) == here.size else saved["rng"], device)
@@ -117,9 +138,11 @@ def train_loop(
             print(f"resuming at step {state.step} of {steps}")
 
     def save_checkpoint() -> None:
+        parameters, optimizer_state = get_state_dict(model, optimizer, options=full)  # every rank takes part
         saved = {
-            "parameters": {key: p.detach() for key, p in model.named_parameters() if p.requires_grad},
-            "optimizer": optimizer.state_dict(),
+            "version": CHECKPOINT_VERSION,
+            "parameters": parameters,
+            "optimizer": optimizer_state,
             "state": asdict(state),
             "options": options,
             "num_sequences": sequences.shape[0],  # the data position is the step; this guards the data
@@ -163,7 +186,10 @@ def train_loop(
             state.final_loss = means["loss"]
             rate = window_tokens / (time.perf_counter() - window_start)
             lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{means['loss']:.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.2e}")
+            memory = {}
+            if device.type == "cuda":  # this rank's peak (rank 0's, as the bar shows)
+                memory["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}GiB"
+            bar.set_postfix(loss=f"{means['loss']:.3f}", tok_s=f"{rate:,.0f}", lr=f"{lr:.2e}", **memory)
             window = {}
             window_steps, window_tokens, window_start = 0, 0, time.perf_counter()
         bar.update(1)
@@ -179,6 +205,9 @@ def train_loop(
     bar.close()
 
     state.finished = state.step == steps
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        state.peak_memory_gib_by_rank = [round(x, 2) for x in distributed.gather_objects(peak)]
     if not state.finished and distributed.is_main():
         print(f"stopped at step {state.step} of {steps}; continue with --resume")
     return state
@@ -200,7 +229,10 @@ def backward(
     micro_batches = batch.split(micro_batch_size or batch.shape[0])
     totals: dict[str, torch.Tensor] = {}
     for i, micro in enumerate(micro_batches):
-        accumulating = isinstance(model, DistributedDataParallel) and i < len(micro_batches) - 1
+        last = i == len(micro_batches) - 1
+        if isinstance(model, FSDPModule):  # reduce-scatter the gradients at the last micro-batch only
+            model.set_requires_gradient_sync(last)
+        accumulating = isinstance(model, DistributedDataParallel) and not last
         with model.no_sync() if accumulating else contextlib.nullcontext():
             with autocast:
                 losses = loss(model, micro)
@@ -208,6 +240,30 @@ def backward(
             (losses["loss"] * share).backward()
         totals = {key: totals.get(key, 0) + value.detach() * share for key, value in losses.items()}
     return totals
+
+
+def shard(
+    model: torch.nn.Module, blocks: list[torch.nn.Module], device: torch.device, param_groups: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Shard MODEL over the launch's ranks with FSDP2, in place: each of ``blocks``, then the rest; return
+    ``param_groups`` with the sharded parameters (``fully_shard`` replaces every parameter by a DTensor one).
+
+    Needs a process group (the launch's, or :func:`staterank.distributed.process_group`'s group of one).
+    """
+    if not dist.is_initialized():
+        raise StaterankError("sharding needs a process group: launch with torchrun, or run in a group of one")
+    names = {id(p): name for name, p in model.named_parameters()}
+    grouped = [[names[id(p)] for p in group["params"]] for group in param_groups]
+    # bf16 compute with the float32 LoRA weights sharded as float32 masters, gradients reduced in float32
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    now = dict(model.named_parameters())
+    return [{**group, "params": [now[n] for n in group_names]} for group, group_names in zip(param_groups, grouped,
+                                                                                           strict=True)]
 
 
 def mixed_precision(device: torch.device) -> torch.autocast:
@@ -276,7 +332,7 @@ def load_checkpoint(checkpoint_dir: Path, options: dict, run_defining: tuple[str
     """The checkpoint's contents, after checking that the run it continues is this one."""
     out = checkpoint_dir.parent
     saved = torch.load(checkpoint_dir / "state.pt", map_location="cpu", weights_only=True)
-    if "state" not in saved:
+    if saved.get("version") != CHECKPOINT_VERSION:
         raise StaterankError(f"{out}: the checkpoint is of an older staterank; start again with --overwrite")
     changed = [k for k in run_defining if saved["options"][k] != options[k]]
     if changed:

@@ -18,6 +18,7 @@ each batch (with LoRA dropout every rank draws its own masks).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from staterank import distributed
 from staterank.commands import load_model, save_model
 from staterank.errors import StaterankError
 from staterank.io import write_json
-from staterank.loading import LoadedModel
+from staterank.loading import LoadedModel, default_device, load
 from staterank.modelcard import finetune_card, model_facts, pruning_report, source_name, write_model_card
 from staterank.options import FinetuneOptions, resolve
-from staterank.training.loop import checkpoint_dir_for, next_token_loss, train_loop, training_sequences, write_output
+from staterank.training.loop import (
+    checkpoint_dir_for,
+    next_token_loss,
+    shard,
+    train_loop,
+    training_sequences,
+    write_output,
+)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp: float) -> torch.Tensor:
@@ -60,6 +69,41 @@ def check_same_vocabulary(student: LoadedModel, teacher: LoadedModel) -> None:
         raise StaterankError(f"{teacher.path}: the teacher's tokenizer differs from the student's")
 
 
+def micro_batch_for(opts: FinetuneOptions, rows: int) -> int | None:
+    """Rows per forward pass on a rank that takes ``rows`` of each batch: ``--micro-batch-size``, or the rows
+    split into ``--grad-accum`` equal passes."""
+    if opts.grad_accum is None:
+        return opts.micro_batch_size
+    if opts.micro_batch_size is not None:
+        raise StaterankError("give --grad-accum or --micro-batch-size, not both")
+    if rows % opts.grad_accum:
+        raise StaterankError(
+            f"--grad-accum {opts.grad_accum} does not divide the {rows} sequences each rank takes of a batch of "
+            f"{opts.batch_size}"
+        )
+    return rows // opts.grad_accum
+
+
+def merged_from_shards(peft_model, source, lora: LoraConfig, student: LoadedModel) -> LoadedModel:
+    """The merged model of a sharded run, on rank 0: the LoRA weights gathered in full from every rank, put into
+    a fresh copy of SOURCE on the CPU (in the dtype the run trained in) and merged; other ranks get ``student``."""
+    lora_weights = get_model_state_dict(
+        peft_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    )  # every rank takes part; rank 0 receives
+    dtype = next(p for p in student.model.parameters() if not p.requires_grad).dtype
+    merged = student
+    with distributed.together():  # a failure on rank 0 reaches every rank
+        if distributed.is_main():
+            merged = load(source, device="cpu", dtype=dtype)
+            fresh_peft = get_peft_model(merged.model, lora)
+            missing = set(lora_weights) - set(dict(fresh_peft.named_parameters()))
+            if missing:
+                raise StaterankError(f"the gathered LoRA weights do not fit a fresh model: {sorted(missing)[:3]}")
+            fresh_peft.load_state_dict(lora_weights, strict=False)
+            merged.model = fresh_peft.merge_and_unload().eval()
+    return merged
+
+
 def finetune(
     model: str | os.PathLike | LoadedModel,
     data: str,
@@ -83,7 +127,10 @@ def finetune(
     """
     # -- options ------------------------------------------------------------------------------
     opts = resolve(FinetuneOptions, opts, overrides)
-    distributed.split_batch(opts.batch_size)  # refuses a world size that does not divide the batch, before loading
+    rows = distributed.split_batch(opts.batch_size)  # refuses a world size that does not divide the batch, first
+    micro_batch_size = micro_batch_for(opts, rows.stop - rows.start)
+    if opts.parallel == "fsdp" and isinstance(model, LoadedModel):
+        raise StaterankError("--parallel fsdp merges the LoRA weights into a fresh copy of the model: give its path")
     teacher = opts.teacher
     # The run's options as the summary and the checkpoints record them (a resume must not change them).
     options = {name: getattr(opts, name) for name in FinetuneOptions.RUN_DEFINING}
@@ -92,6 +139,15 @@ def finetune(
 
     out = Path(out)
     checkpoint_dir = checkpoint_dir_for(out, opts.resume, opts.overwrite)
+    device_type = torch.device(opts.device).type if opts.device else default_device().type
+    sharded = distributed.process_group(device_type) if opts.parallel == "fsdp" else contextlib.nullcontext()
+    with sharded:
+        return _finetune(model, data, out, opts, options, checkpoint_dir, micro_batch_size)
+
+
+def _finetune(model, data, out: Path, opts: FinetuneOptions, options: dict, checkpoint_dir: Path,
+              micro_batch_size: int | None) -> dict[str, Any]:
+    teacher = opts.teacher
 
     # -- models -------------------------------------------------------------------------------
     student = load_model(model, device=opts.device)
@@ -101,12 +157,16 @@ def finetune(
         loaded_teacher = load_model(teacher, device=str(device))
         check_same_vocabulary(student, loaded_teacher)
         teacher_model = loaded_teacher.model.eval().requires_grad_(False)
+        if opts.parallel == "fsdp":  # the teacher sharded as the student is: forward only, one layer gathered at a time
+            shard(teacher_model, list(loaded_teacher.adapter.decoder_layers()), device, [])
     targets = opts.lora_targets or list(student.adapter.lora_targets)
     if not targets:
         raise StaterankError(f"no default LoRA targets for {student.adapter.family}; pass --lora-targets")
     options["lora_targets"] = targets
 
     # -- what differs: the trained parameters (LoRA) and the loss ----------------------------
+    if opts.grad_checkpointing:  # non-reentrant: the frozen embeddings need not require grad
+        student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Seeded before PEFT draws the LoRA A matrices, so a resumed run builds the same ones before loading.
     torch.manual_seed(opts.seed)
     lora = LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
@@ -141,8 +201,9 @@ def finetune(
                                    opts.seed)  # fmt: skip
     state = train_loop(
         peft_model, loss, groups, sequences, options, FinetuneOptions.RUN_DEFINING, checkpoint_dir,
-        resume=opts.resume, save_every=opts.save_every, micro_batch_size=opts.micro_batch_size,
-        stop_after=opts.stop_after, progress=opts.progress, name="finetune",
+        resume=opts.resume, save_every=opts.save_every, micro_batch_size=micro_batch_size,
+        stop_after=opts.stop_after, progress=opts.progress, name="finetune", parallel=opts.parallel,
+        blocks=list(student.adapter.decoder_layers()),
     )  # fmt: skip
 
     summary = {
@@ -157,6 +218,10 @@ def finetune(
         "trainable_params": trainable_params,
         "device": str(device),
         "world_size": world_size,
+        "parallel": opts.parallel,
+        "grad_accum": opts.grad_accum,
+        "grad_checkpointing": opts.grad_checkpointing,
+        "peak_memory_gib_by_rank": state.peak_memory_gib_by_rank,
         "options": options,
     }
     if not state.finished:
@@ -164,7 +229,10 @@ def finetune(
 
     # -- the final model ----------------------------------------------------------------------
     # Merging folds B A into each target weight: OUT loads with plain transformers, no PEFT needed.
-    student.model = peft_model.merge_and_unload().eval()
+    if opts.parallel == "fsdp":
+        student = merged_from_shards(peft_model, model, lora, student)
+    else:
+        student.model = peft_model.merge_and_unload().eval()
 
     def save(directory: Path) -> None:
         save_model(student, directory)
