@@ -103,3 +103,31 @@ def test_bad_input(student, tokenizer, tmp_path):
     tokenizer.save_pretrained(other)
     with pytest.raises(StaterankError, match="same vocabulary"):
         finetune(student, "techdocs-val", tmp_path / "kd", teacher=other, steps=2, **QUICK)
+
+
+def test_accumulation_checkpointing_and_sharding_give_the_same_weights(student, tmp_path):
+    """--grad-accum (gradients added over passes), --grad-checkpointing (activations recomputed) and
+    --parallel fsdp in a process group of one merge to the weights of the plain run."""
+    options = {**QUICK, "batch_size": 4, "steps": 4}
+    finetune(student, "techdocs-val", tmp_path / "plain", **options)
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    variants = {"accum": {"grad_accum": 4}, "checkpointing": {"grad_checkpointing": True},
+                "fsdp": {"parallel": "fsdp", "grad_accum": 2}}  # fmt: skip
+    for name, extra in variants.items():
+        summary = finetune(student, "techdocs-val", tmp_path / name, **options, **extra)
+        assert summary["grad_accum"] == extra.get("grad_accum")
+        other = load_file(tmp_path / name / "model.safetensors")
+        for key, value in plain.items():
+            torch.testing.assert_close(other[key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+    assert not torch.distributed.is_initialized()  # the group of one is gone
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [({"grad_accum": 2, "micro_batch_size": 2}, "not both"), ({"grad_accum": 3}, "does not divide"),
+     ({"device_map": "auto", "parallel": "fsdp"}, "excludes --parallel fsdp")],
+)  # fmt: skip
+def test_bad_accumulation_and_sharding_options(student, tmp_path, extra, message):
+    with pytest.raises(StaterankError, match=message):
+        finetune(student, "techdocs-val", tmp_path / "out", **{**QUICK, "batch_size": 4}, **extra)
+    assert not (tmp_path / "out").exists()

@@ -282,6 +282,11 @@ class FinetuneOptions(Common):
     resume: bool = option(False, "continue from OUT's last checkpoint")
     overwrite: bool = option(False, "replace an existing --out")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available)", parse=device)
+    device_map: str | None = option(
+        None,
+        "one process, the model's layers spread over all GPUs with accelerate (model-parallel; not under torchrun)",
+        choices=("auto", "balanced", "sequential"),
+    )
 
     #: options that define the trajectory of a run: a resume must not change them
     RUN_DEFINING: ClassVar[tuple[str, ...]] = (

@@ -42,6 +42,7 @@ from staterank import distributed
 from staterank.data import load_sequences
 from staterank.errors import DataError, OutputExistsError, StaterankError
 from staterank.io import output_dir
+from staterank.loading import input_device
 from staterank.validate import check_output_path
 
 ADAM_BETAS = (0.9, 0.95)
@@ -108,7 +109,7 @@ def train_loop(
     world size or the other choice.
     """
     steps, batch_size, seed = options["steps"], options["batch_size"], options["seed"]
-    device = next(model.parameters()).device
+    device = input_device(model)  # where batches go: the embedding's device (a device map spreads the rest)
     here = distributed.world()
     rows = distributed.split_batch(batch_size)  # this rank's rows of every batch
     # DDP averages the gradients of the ranks' slices: the gradient of the mean loss over the whole batch.

@@ -32,7 +32,7 @@ from staterank import distributed
 from staterank.commands import load_model, save_model
 from staterank.errors import StaterankError
 from staterank.io import write_json
-from staterank.loading import LoadedModel, default_device, load
+from staterank.loading import LoadedModel, default_device, input_device, load
 from staterank.modelcard import finetune_card, model_facts, pruning_report, source_name, write_model_card
 from staterank.options import FinetuneOptions, resolve
 from staterank.training.loop import (
@@ -129,6 +129,8 @@ def finetune(
     opts = resolve(FinetuneOptions, opts, overrides)
     rows = distributed.split_batch(opts.batch_size)  # refuses a world size that does not divide the batch, first
     micro_batch_size = micro_batch_for(opts, rows.stop - rows.start)
+    if opts.device_map is not None and opts.parallel == "fsdp":
+        raise StaterankError("--device-map spreads one copy of the model over the GPUs; it excludes --parallel fsdp")
     if opts.parallel == "fsdp" and isinstance(model, LoadedModel):
         raise StaterankError("--parallel fsdp merges the LoRA weights into a fresh copy of the model: give its path")
     teacher = opts.teacher
@@ -150,8 +152,8 @@ def _finetune(model, data, out: Path, opts: FinetuneOptions, options: dict, chec
     teacher = opts.teacher
 
     # -- models -------------------------------------------------------------------------------
-    student = load_model(model, device=opts.device)
-    device = next(student.model.parameters()).device
+    student = load_model(model, device=opts.device, device_map=opts.device_map)
+    device = input_device(student.model)  # with a device map: the embedding's
     teacher_model = None
     if teacher is not None:
         loaded_teacher = load_model(teacher, device=str(device))
