@@ -45,6 +45,7 @@ from staterank.models import (  # noqa: E402, F401
     kda,
     kimi_linear,
     linear_attn,
+    mamba2,
     olmo_hybrid,
     qwen3_5,
     qwen3_next,

@@ -1,0 +1,134 @@
+"""Mamba-2 layers of transformers' hybrids: ``bamba``, ``nemotron_h`` and ``granitemoehybrid``.
+
+A Mamba-2 head ``h`` of ``H`` keeps a state ``[head_dim, d_state]``; in staterank's key-first layout
+``[d_state, head_dim]`` it is the linear-attention state of a head whose keys are ``B``, queries ``C`` and values
+``x``, written with strength ``dt`` under a scalar decay ``exp(dt A)``, with no delta correction::
+
+    S_t = exp(dt_t A_h) S_{t-1} + B_t (dt_t x_t)^T          y_t = S_t^T C_t + D_h x_t
+
+(the scan of transformers' ``mamba2_chunk_scan`` and of ``mamba_ssm``), with ``dt = clamp(softplus(dt_raw +
+dt_bias), time_step_limit)`` and ``A = -exp(A_log)``. ``B`` and ``C`` are shared by the ``H / n_groups`` heads of a
+group, as grouped value heads share a key head, so a group is a key head of d_k = d_state and a head a value head
+of d_v = head_dim. The mixer's ``in_proj`` gives ``[z | x | B | C | dt]``, and the depthwise causal convolution with
+SiLU runs over ``[x | B | C]``; the tap rebuilds all of it from the mixer's input.
+
+``mamba2`` itself is not taken: once flash-linear-attention is imported (as staterank imports it), the
+``mamba2`` model type builds fla's own Mamba-2 (``fla.layers.Mamba2``), whose convolution has no CPU route here yet.
+
+What runs: ``info`` and ``analyze`` (the states at every position, tested against each model's own cache), and the
+criteria's scores over the B and C rows. Refused, each with its reason: q/k (here d_state) channel pruning and head
+pruning, which are not checked against a stock reload yet (and the gated RMSNorm normalises each group's heads
+together, so removing a head changes its neighbours), and graphed decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from staterank.errors import UnsupportedModelError
+from staterank.models import register
+from staterank.models.base import HeadFeatures, LayerShape, ModelAdapter, PruningShapeError, StaticCacheError
+from staterank.models.fla_common import causal_depthwise_conv
+
+#: The Mamba-2 mixer classes of transformers' models, and the attribute of a decoder block that holds one.
+MIXER_CLASSES = ("BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer")
+MIXER_ATTRIBUTES = ("mixer", "mamba")
+
+
+@register
+class Mamba2Adapter(ModelAdapter):
+    family = "Mamba-2 hybrids (transformers)"
+    model_types = ("bamba", "nemotron_h", "granitemoehybrid")
+    lora_targets = ("in_proj",)
+    no_decay_suffixes = ("A_log", "dt_bias", "D")
+    state_dtype = torch.float32  # the scans keep the state in float32
+    channel_pruning_refusal = "pruning Mamba-2's d_state (the B and C rows) is not checked against a stock reload yet"
+    head_pruning_refusal = (
+        "the gated RMSNorm normalises the heads of a group together, so removing a head changes the others"
+    )
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        for layer in self.linear_layers():
+            mixer = self.mixer(layer)
+            if mixer.activation not in ("silu", "swish"):
+                raise UnsupportedModelError(f"{self.family}: layer {layer} uses activation {mixer.activation!r}")
+            widths = mixer.intermediate_size + mixer.conv_dim + mixer.num_heads
+            if mixer.in_proj.out_features != widths:
+                raise UnsupportedModelError(
+                    f"{self.family}: layer {layer}'s in_proj gives {mixer.in_proj.out_features} features, not the "
+                    f"{widths} of [z | x | B | C | dt]"
+                )
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    def mixer(self, layer: int) -> nn.Module | None:
+        block = self.decoder_layers()[layer]
+        for name in MIXER_ATTRIBUTES:
+            module = getattr(block, name, None)
+            if type(module).__name__ in MIXER_CLASSES:
+                return module
+        return None
+
+    def layer_shape(self, layer: int) -> LayerShape:
+        mixer = self.mixer(layer)
+        return LayerShape(layer, mixer.n_groups, mixer.num_heads, mixer.ssm_state_size, mixer.head_dim)
+
+    def conv_state_channels(self, layer: int) -> int:
+        return self.mixer(layer).conv_dim
+
+    def conv_kernel_size(self, layer: int) -> int:
+        return self.mixer(layer).conv_kernel_size
+
+    def features(self, layer: int, hidden: torch.Tensor) -> HeadFeatures:
+        mixer, shape = self.mixer(layer), self.layer_shape(layer)
+        inner, groups = mixer.intermediate_size, mixer.n_groups * mixer.ssm_state_size
+        _, xbc, dt = mixer.in_proj(hidden).split([inner, mixer.conv_dim, mixer.num_heads], dim=-1)
+        xbc = causal_depthwise_conv(xbc, mixer.conv1d.weight, mixer.conv1d.bias, silu=True)
+        x, b, c = xbc.split([inner, groups, groups], dim=-1)
+        low, high = mixer.time_step_limit
+        dt = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(min=low, max=high)  # [B, T, H]
+        log_decay = dt * -torch.exp(mixer.A_log.float())
+        return HeadFeatures.from_projections(
+            layer, hidden, shape, c, b, x, dt, log_decay, delta_rule=False, qk_l2norm=False
+        )
+
+    def cached_state(self, cache, layer: int) -> torch.Tensor:
+        return cache.layers[layer].recurrent_states[0].transpose(-1, -2)  # [B, H, head_dim, d_state] -> key-first
+
+    def static_cache_tensors(self, cache) -> list[torch.Tensor]:
+        raise StaticCacheError(f"{self.family}: graphed decoding is not checked for Mamba-2 layers yet")
+
+    def qk_parameters(self, layer: int) -> tuple[nn.Parameter, ...]:
+        return (self.mixer(layer).in_proj.weight,)
+
+    def _qk_rows(self, layer: int, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        mixer, shape = self.mixer(layer), self.layer_shape(layer)
+        (weight,) = tensors  # [z | x | B | C | dt] rows
+        groups = mixer.n_groups * mixer.ssm_state_size
+        start = 2 * mixer.intermediate_size
+        b, c = weight[start : start + groups], weight[start + groups : start + 2 * groups]
+        return (c.view(shape.num_k_heads, shape.head_k_dim, -1), b.view(shape.num_k_heads, shape.head_k_dim, -1))
+
+    def qk_conv_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        mixer, shape = self.mixer(layer), self.layer_shape(layer)
+        weight = mixer.conv1d.weight.data  # [x | B | C channels, 1, W]
+        groups = mixer.n_groups * mixer.ssm_state_size
+        start = mixer.intermediate_size
+        b, c = weight[start : start + groups], weight[start + groups : start + 2 * groups]
+        return (c.view(shape.num_k_heads, shape.head_k_dim, -1), b.view(shape.num_k_heads, shape.head_k_dim, -1))
+
+    def _keep_qk_channels(self, layer: int, index: torch.Tensor) -> None:
+        raise PruningShapeError(f"{self.family}: {self.channel_pruning_refusal}")  # refused before, in keep_qk_channels
+
+    def keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
+        self.check_head_pruning()  # always refuses: see head_pruning_refusal
+
+    def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict:
+        raise PruningShapeError(f"{self.family}: {self.head_pruning_refusal}")
+
+    def _set_head_k_dim(self, head_k_dim: int) -> None:
+        raise PruningShapeError(f"{self.family}: {self.channel_pruning_refusal}")

@@ -1,0 +1,120 @@
+"""transformers' Mamba-2 hybrids (bamba, nemotron_h, granitemoehybrid): the states rebuilt from the tap at
+every requested position against each model's own cache after that prefix, the metrics on them, and the
+refusals (d_state and head pruning, graphed decoding) in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    BambaConfig,
+    GraniteMoeHybridConfig,
+    NemotronHConfig,
+)
+
+from staterank.cli import main
+from staterank.loading import load, prepare_runtime
+from staterank.models import PruningShapeError, adapter_for
+from staterank.rank import spectral_metrics, states_at
+
+HYBRID = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)
+HYBRID_MAMBA = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8, mamba_expand=2,
+                    mamba_chunk_size=16)  # fmt: skip
+CONFIGS = {
+    "bamba": lambda: BambaConfig(**HYBRID, **HYBRID_MAMBA, num_hidden_layers=2, attn_layer_indices=[1]),
+    "nemotron_h": lambda: NemotronHConfig(
+        **HYBRID, head_dim=16, mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=8, expand=2,
+        chunk_size=16, num_hidden_layers=3, layers_block_type=["mamba", "attention", "mlp"],
+    ),  # fmt: skip
+    "granitemoehybrid": lambda: GraniteMoeHybridConfig(
+        **HYBRID, **HYBRID_MAMBA, num_hidden_layers=2, layer_types=["mamba", "attention"], num_local_experts=2,
+        num_experts_per_tok=1,
+    ),  # fmt: skip
+}
+
+
+def build(family: str) -> torch.nn.Module:
+    """The family's tiny model in eval mode, its Mamba-2 weights large enough that the states are not tiny."""
+    prepare_runtime(family)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS[family]()).float().eval()
+    adapter = adapter_for(model)
+    for layer in adapter.linear_layers():
+        mixer = adapter.mixer(layer)
+        torch.nn.init.normal_(mixer.in_proj.weight, std=mixer.in_proj.in_features**-0.5)
+        torch.nn.init.normal_(mixer.conv1d.weight, std=0.5)
+    return model
+
+
+def cache_of(output):
+    return output.cache_params if getattr(output, "past_key_values", None) is None else output.past_key_values
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_states_at_every_position_are_the_cached_states_of_that_prefix(family, one_thread):
+    model = build(family)
+    adapter = adapter_for(model)
+    shape = adapter.shapes()[0]
+    assert (shape.num_k_heads, shape.num_v_heads, shape.head_k_dim, shape.head_v_dim) == (2, 8, 8, 8)
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    features = {}
+    with torch.no_grad(), adapter.tap(lambda f: features.__setitem__(f.layer, f)):
+        model(input_ids=ids)
+    positions = [1, 7, 16, 17, 40]  # inside, at and after the scan's chunks of 16
+    for layer, f in features.items():
+        states = states_at(f, positions, dtype=torch.float64)
+        for state, t in zip(states, positions, strict=True):
+            with torch.no_grad():
+                cached = adapter.cached_state(cache_of(model(input_ids=ids[:, :t], use_cache=True)), layer).double()
+            assert cached.abs().max() > 1e-3  # not vacuous
+            torch.testing.assert_close(state, cached, rtol=1e-4, atol=1e-6 * cached.abs().max().item())
+        # the metrics of the rebuilt states are those of the cache's
+        final = spectral_metrics(states[-1])
+        for name, value in spectral_metrics(cached).items():
+            torch.testing.assert_close(final[name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_pruning_and_graphed_decoding_are_refused_with_the_reason(family):
+    from staterank.bench import BenchError, StaticDecoder
+
+    model = build(family)
+    adapter = adapter_for(model)
+    keep = {s.layer: torch.arange(4).repeat(s.num_k_heads, 1) for s in adapter.shapes()}
+    with pytest.raises(PruningShapeError, match="d_state"):
+        adapter.keep_qk_channels(keep)
+    with pytest.raises(PruningShapeError, match="normalises the heads of a group"):
+        adapter.remove_heads({s.layer: [0] for s in adapter.shapes()})
+    with pytest.raises(BenchError, match="graphed decoding"):
+        StaticDecoder(model, torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2)
+
+
+@pytest.fixture
+def source(tmp_path):
+    tokenizer = load("tiny-deltanet", device="cpu").tokenizer
+    prepare_runtime("bamba")
+    torch.manual_seed(0)
+    config = CONFIGS["bamba"]()
+    config.vocab_size = len(tokenizer)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "source")
+    tokenizer.save_pretrained(tmp_path / "source")
+    return tmp_path / "source"
+
+
+def test_info_and_analyze_run_and_pruning_exits_2(source, tmp_path, capsys):
+    assert main(["info", str(source)]) == 0
+    assert "Mamba-2" in capsys.readouterr().out
+    ranks = tmp_path / "ranks"
+    assert main(["analyze", str(source), "--data", "techdocs-val", "--samples", "2", "--seq-len", "64",
+                 "--out", str(ranks)]) == 0  # fmt: skip
+    capsys.readouterr()  # the analysis's progress
+    result = json.loads((ranks / "rank.json").read_text())
+    assert [len(layer["heads"]) for layer in result["layers"]] == [8]  # layer 1 is attention
+    assert all(layer["head_k_dim"] == 8 and layer["head_v_dim"] == 8 for layer in result["layers"])
+    out = tmp_path / "pruned"
+    assert main(["prune", str(source), "--method", "l2", "--ratio", "0.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "d_state" in err and len(err.splitlines()) == 1 and not out.exists()
