@@ -116,7 +116,7 @@ AUTO_CLASSES = {"qwen3_5": AutoModelForImageTextToText, "qwen3_5_moe": AutoModel
 COVERED_ELSEWHERE: dict[str, str] = {
     name: "tests/test_family_mamba2.py: Mamba-2 layers, states against the cache at every position; their pruning "
     "and graphed decoding are refused"
-    for name in ("bamba", "nemotron_h", "granitemoehybrid")
+    for name in ("mamba2", "bamba", "nemotron_h", "granitemoehybrid")
 }
 
 

@@ -1,6 +1,6 @@
-"""transformers' Mamba-2 hybrids (bamba, nemotron_h, granitemoehybrid): the states rebuilt from the tap at
-every requested position against each model's own cache after that prefix, the metrics on them, and the
-refusals (d_state and head pruning, graphed decoding) in one line."""
+"""Mamba-2 layers (transformers' and fla's mamba2; transformers' bamba, nemotron_h, granitemoehybrid): the states
+rebuilt from the tap at every requested position against each model's own cache after that prefix, the metrics on
+them, and the refusals (d_state and head pruning, graphed decoding) in one line."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from transformers import (
     AutoModelForCausalLM,
     BambaConfig,
     GraniteMoeHybridConfig,
+    Mamba2Config,
     NemotronHConfig,
 )
 
@@ -23,6 +24,27 @@ from staterank.rank import spectral_metrics, states_at
 HYBRID = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1)
 HYBRID_MAMBA = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8, mamba_expand=2,
                     mamba_chunk_size=16)  # fmt: skip
+MAMBA = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, head_dim=8, n_groups=2,
+             conv_kernel=4, chunk_size=16)  # fmt: skip
+
+
+def fla_mamba2():
+    from fla.models import Mamba2Config as FlaMamba2Config  # fla registers its own classes for "mamba2"
+    from fla.models import Mamba2ForCausalLM as FlaMamba2ForCausalLM
+
+    # One group: with more, fla 0.6.0's PyTorch prefill tiles B and C over the heads (head h reads group h % G) while
+    # its decoding step and mamba_ssm give head h group h // (H / G), so its own cache disagrees with itself.
+    return FlaMamba2ForCausalLM(FlaMamba2Config(**{**MAMBA, "n_groups": 1}, fuse_cross_entropy=False, fuse_norm=False))
+
+
+def transformers_mamba2():
+    from transformers import Mamba2ForCausalLM
+
+    return Mamba2ForCausalLM(Mamba2Config(**MAMBA, num_heads=8))
+
+
+#: Models built directly, the type's own classes: once fla is imported, its registration wins for "mamba2"
+MODELS = {"mamba2-transformers": transformers_mamba2, "mamba2-fla": fla_mamba2}
 CONFIGS = {
     "bamba": lambda: BambaConfig(**HYBRID, **HYBRID_MAMBA, num_hidden_layers=2, attn_layer_indices=[1]),
     "nemotron_h": lambda: NemotronHConfig(
@@ -38,9 +60,12 @@ CONFIGS = {
 
 def build(family: str) -> torch.nn.Module:
     """The family's tiny model in eval mode, its Mamba-2 weights large enough that the states are not tiny."""
-    prepare_runtime(family)
+    prepare_runtime(family.split("-")[0])
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS[family]()).float().eval()
+    if family in MODELS:
+        model = MODELS[family]().float().eval()
+    else:
+        model = AutoModelForCausalLM.from_config(CONFIGS[family]()).float().eval()
     adapter = adapter_for(model)
     for layer in adapter.linear_layers():
         mixer = adapter.mixer(layer)
@@ -53,12 +78,13 @@ def cache_of(output):
     return output.cache_params if getattr(output, "past_key_values", None) is None else output.past_key_values
 
 
-@pytest.mark.parametrize("family", CONFIGS)
+@pytest.mark.parametrize("family", [*MODELS, *CONFIGS])
 def test_states_at_every_position_are_the_cached_states_of_that_prefix(family, one_thread):
     model = build(family)
     adapter = adapter_for(model)
     shape = adapter.shapes()[0]
-    assert (shape.num_k_heads, shape.num_v_heads, shape.head_k_dim, shape.head_v_dim) == (2, 8, 8, 8)
+    groups = 1 if family == "mamba2-fla" else 2
+    assert (shape.num_k_heads, shape.num_v_heads, shape.head_k_dim, shape.head_v_dim) == (groups, 8, 8, 8)
     ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
     features = {}
     with torch.no_grad(), adapter.tap(lambda f: features.__setitem__(f.layer, f)):
@@ -77,7 +103,7 @@ def test_states_at_every_position_are_the_cached_states_of_that_prefix(family, o
             torch.testing.assert_close(final[name], value, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", CONFIGS)
+@pytest.mark.parametrize("family", [*MODELS, *CONFIGS])
 def test_pruning_and_graphed_decoding_are_refused_with_the_reason(family):
     from staterank.bench import BenchError, StaticDecoder
 

@@ -16,6 +16,7 @@ read and written, over the device's measured copy bandwidth.
 from __future__ import annotations
 
 import gc
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -62,14 +63,25 @@ def _prefill(model, ids: torch.Tensor) -> None:
     model(input_ids=ids, use_cache=False)
 
 
+def cache_of(output):
+    """The cache a forward returned: ``past_key_values``, or ``cache_params`` (transformers' Mamba models)."""
+    cache = getattr(output, "past_key_values", None)
+    return output.cache_params if cache is None and hasattr(output, "cache_params") else cache
+
+
+def with_cache(model, cache) -> dict:
+    """The keyword that passes ``cache`` to ``model``'s forward: ``cache_params`` where it takes that."""
+    return {"cache_params" if "cache_params" in inspect.signature(model.forward).parameters else "past_key_values":
+            cache}  # fmt: skip
+
+
 @torch.no_grad()
 def _decode(model, prompt: torch.Tensor, steps: int) -> None:
     """Greedy-free decoding: feed fixed tokens one at a time through the cache (the cost, not the text)."""
-    out = model(input_ids=prompt, use_cache=True)
-    cache = out.past_key_values
+    cache = cache_of(model(input_ids=prompt, use_cache=True))
     token = prompt[:, -1:]
     for _ in range(steps):
-        cache = model(input_ids=token, past_key_values=cache, use_cache=True).past_key_values
+        cache = cache_of(model(input_ids=token, **with_cache(model, cache), use_cache=True))
 
 
 class StaticDecoder:
@@ -92,9 +104,9 @@ class StaticDecoder:
         self.capacity = max_new_tokens
         self.steps = 0
         cache = self.adapter.decoding_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
-        given = {} if cache is None else {"past_key_values": cache}
+        given = {} if cache is None else with_cache(model, cache)
         with torch.no_grad():
-            self.cache = model(input_ids=prompt, use_cache=True, **given).past_key_values
+            self.cache = cache_of(model(input_ids=prompt, use_cache=True, **given))
         try:
             self.states = self.adapter.static_cache_tensors(self.cache)  # the tensors every step writes into
         except StaticCacheError as error:

@@ -98,3 +98,12 @@ def fused_rms_norm_gated_forward(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """CPU version of ``fla.modules.FusedRMSNormGated.forward``."""
     return rms_norm_gated(x, g, self.weight, self.bias, self.activation, residual, prenorm, residual_in_fp32, self.eps)
+
+
+def grouped_rms_norm_gated_forward(self: nn.Module, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+    """CPU replacement for ``fla.modules.norm.layernorm_gated.RMSNormGated.forward`` (fla's Mamba-2 norm: RMS over
+    groups of ``group_size`` channels, the SiLU gate before or after it): fla's own PyTorch reference of it."""
+    from fla.modules.norm.layernorm_gated import rms_norm_ref
+
+    return rms_norm_ref(x, self.weight, self.bias, z=z, eps=self.eps, group_size=self.group_size,
+                        norm_before_gate=self.norm_before_gate)  # fmt: skip

@@ -59,9 +59,14 @@ _PATCHES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     # Block / final norms (config.fuse_norm) and the per-head output norms (always fla modules).
     ('fla.modules.norm.layernorm:RMSNorm', 'forward', norm.rms_norm_forward),
     ('fla.modules.norm.fused_norm_gate:FusedRMSNormGated', 'forward', norm.fused_rms_norm_gated_forward),
+    # fla's Mamba-2 output norm: gated RMSNorm over groups of channels.
+    ('fla.modules.norm.layernorm_gated:RMSNormGated', 'forward', norm.grouped_rms_norm_gated_forward),
     # GatedMLP: swiglu_linear with config.fuse_swiglu, swiglu without.
     ('fla.modules.mlp', 'swiglu', activations.swiglu),
     ('fla.modules.mlp', 'swiglu_linear', activations.swiglu_linear),
+    # fla's SiLU (ACT2FN['silu'], bound into layers such as Mamba2 at construction): its autograd Function.
+    ('fla.modules.activations.ops:SwishFunction', 'forward', activations.swish_forward),
+    ('fla.modules.activations.ops:SwishFunction', 'backward', activations.swish_backward),
     # Criteria built in fla.models.modeling_utils (config.fuse_cross_entropy / fuse_linear_cross_entropy).
     ('fla.modules.fused_cross_entropy.ops:FusedCrossEntropyLoss', 'forward', losses.fused_cross_entropy_forward),
     (

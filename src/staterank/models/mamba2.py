@@ -1,4 +1,5 @@
-"""Mamba-2 layers of transformers' hybrids: ``bamba``, ``nemotron_h`` and ``granitemoehybrid``.
+"""Mamba-2 layers: ``mamba2`` (transformers' ``Mamba2Mixer``, or fla's ``Mamba2`` once fla is imported, which
+registers its own classes for the type) and transformers' hybrids ``bamba``, ``nemotron_h`` and ``granitemoehybrid``.
 
 A Mamba-2 head ``h`` of ``H`` keeps a state ``[head_dim, d_state]``; in staterank's key-first layout
 ``[d_state, head_dim]`` it is the linear-attention state of a head whose keys are ``B``, queries ``C`` and values
@@ -12,8 +13,8 @@ group, as grouped value heads share a key head, so a group is a key head of d_k 
 of d_v = head_dim. The mixer's ``in_proj`` gives ``[z | x | B | C | dt]``, and the depthwise causal convolution with
 SiLU runs over ``[x | B | C]``; the tap rebuilds all of it from the mixer's input.
 
-``mamba2`` itself is not taken: once flash-linear-attention is imported (as staterank imports it), the
-``mamba2`` model type builds fla's own Mamba-2 (``fla.layers.Mamba2``), whose convolution has no CPU route here yet.
+fla's ``Mamba2`` may put two ``d_mlp``-wide blocks before ``z`` in ``in_proj``'s output, and calls the time-step
+limit ``dt_limit``; the tap reads both layouts.
 
 What runs: ``info`` and ``analyze`` (the states at every position, tested against each model's own cache), and the
 criteria's scores over the B and C rows. Refused, each with its reason: q/k (here d_state) channel pruning and head
@@ -33,14 +34,14 @@ from staterank.models.base import HeadFeatures, LayerShape, ModelAdapter, Prunin
 from staterank.models.fla_common import causal_depthwise_conv
 
 #: The Mamba-2 mixer classes of transformers' models, and the attribute of a decoder block that holds one.
-MIXER_CLASSES = ("BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer")
+MIXER_CLASSES = ("Mamba2Mixer", "Mamba2", "BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer")
 MIXER_ATTRIBUTES = ("mixer", "mamba")
 
 
 @register
 class Mamba2Adapter(ModelAdapter):
-    family = "Mamba-2 hybrids (transformers)"
-    model_types = ("bamba", "nemotron_h", "granitemoehybrid")
+    family = "Mamba-2"
+    model_types = ("mamba2", "bamba", "nemotron_h", "granitemoehybrid")
     lora_targets = ("in_proj",)
     no_decay_suffixes = ("A_log", "dt_bias", "D")
     state_dtype = torch.float32  # the scans keep the state in float32
@@ -55,15 +56,21 @@ class Mamba2Adapter(ModelAdapter):
             mixer = self.mixer(layer)
             if mixer.activation not in ("silu", "swish"):
                 raise UnsupportedModelError(f"{self.family}: layer {layer} uses activation {mixer.activation!r}")
-            widths = mixer.intermediate_size + mixer.conv_dim + mixer.num_heads
-            if mixer.in_proj.out_features != widths:
+            extra = mixer.in_proj.out_features - (mixer.intermediate_size + mixer.conv_dim + mixer.num_heads)
+            if extra < 0 or extra % 2:
                 raise UnsupportedModelError(
-                    f"{self.family}: layer {layer}'s in_proj gives {mixer.in_proj.out_features} features, not the "
-                    f"{widths} of [z | x | B | C | dt]"
+                    f"{self.family}: layer {layer}'s in_proj gives {mixer.in_proj.out_features} features, which do "
+                    "not split as [(two MLP blocks) | z | x | B | C | dt]"
                 )
 
     def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.layers
+        inner = getattr(self.model, "backbone", None)  # mamba2's, transformers' and fla's alike
+        return (inner if inner is not None else self.model.model).layers
+
+    @staticmethod
+    def _z_offset(mixer: nn.Module) -> int:
+        """Rows of ``in_proj`` before ``z``: fla's two ``d_mlp`` blocks, or none."""
+        return mixer.in_proj.out_features - (mixer.intermediate_size + mixer.conv_dim + mixer.num_heads)
 
     def mixer(self, layer: int) -> nn.Module | None:
         block = self.decoder_layers()[layer]
@@ -86,10 +93,11 @@ class Mamba2Adapter(ModelAdapter):
     def features(self, layer: int, hidden: torch.Tensor) -> HeadFeatures:
         mixer, shape = self.mixer(layer), self.layer_shape(layer)
         inner, groups = mixer.intermediate_size, mixer.n_groups * mixer.ssm_state_size
-        _, xbc, dt = mixer.in_proj(hidden).split([inner, mixer.conv_dim, mixer.num_heads], dim=-1)
+        projected = mixer.in_proj(hidden)[..., self._z_offset(mixer) :]
+        _, xbc, dt = projected.split([inner, mixer.conv_dim, mixer.num_heads], dim=-1)
         xbc = causal_depthwise_conv(xbc, mixer.conv1d.weight, mixer.conv1d.bias, silu=True)
         x, b, c = xbc.split([inner, groups, groups], dim=-1)
-        low, high = mixer.time_step_limit
+        low, high = getattr(mixer, "time_step_limit", None) or mixer.dt_limit
         dt = F.softplus(dt.float() + mixer.dt_bias.float()).clamp(min=low, max=high)  # [B, T, H]
         log_decay = dt * -torch.exp(mixer.A_log.float())
         return HeadFeatures.from_projections(
@@ -97,7 +105,12 @@ class Mamba2Adapter(ModelAdapter):
         )
 
     def cached_state(self, cache, layer: int) -> torch.Tensor:
-        return cache.layers[layer].recurrent_states[0].transpose(-1, -2)  # [B, H, head_dim, d_state] -> key-first
+        held = getattr(cache, "layers", None)
+        if held is not None and hasattr(held[layer], "recurrent_states"):  # transformers' cache
+            state = held[layer].recurrent_states[0]
+        else:  # fla's
+            state = cache[layer]["recurrent_state"]
+        return state.transpose(-1, -2)  # [B, H, head_dim, d_state] -> key-first
 
     def static_cache_tensors(self, cache) -> list[torch.Tensor]:
         raise StaticCacheError(f"{self.family}: graphed decoding is not checked for Mamba-2 layers yet")
@@ -109,7 +122,7 @@ class Mamba2Adapter(ModelAdapter):
         mixer, shape = self.mixer(layer), self.layer_shape(layer)
         (weight,) = tensors  # [z | x | B | C | dt] rows
         groups = mixer.n_groups * mixer.ssm_state_size
-        start = 2 * mixer.intermediate_size
+        start = self._z_offset(mixer) + 2 * mixer.intermediate_size
         b, c = weight[start : start + groups], weight[start + groups : start + 2 * groups]
         return (c.view(shape.num_k_heads, shape.head_k_dim, -1), b.view(shape.num_k_heads, shape.head_k_dim, -1))
 
