@@ -1,6 +1,7 @@
 """Mamba-2 layers (transformers' and fla's mamba2; transformers' bamba, nemotron_h, granitemoehybrid): the states
 rebuilt from the tap at every requested position against each model's own cache after that prefix, the metrics on
-them, and the refusals (d_state and head pruning, graphed decoding) in one line."""
+them, d_state pruning against zeroed B and C rows and the stock reload, and the refusals (head pruning, graphed
+decoding) in one line."""
 
 from __future__ import annotations
 
@@ -104,14 +105,61 @@ def test_states_at_every_position_are_the_cached_states_of_that_prefix(family, o
 
 
 @pytest.mark.parametrize("family", [*MODELS, *CONFIGS])
-def test_pruning_and_graphed_decoding_are_refused_with_the_reason(family):
+def test_kept_state_channels_equal_zeroed_b_and_c_rows_and_reload(family, one_thread, tmp_path):
+    """Pruning d_state keeps the same channels of B and C in every group: the model equals the original with the
+    dropped channels' in_proj rows and convolution biases zeroed (so those B and C features are 0), and its own
+    class reloads it from the config's smaller state size."""
+    model, masked_model = build(family), build(family)
+    adapter, masked = adapter_for(model), adapter_for(masked_model)
+    ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(3))
+    unpruned = model(input_ids=ids).logits
+    generator = torch.Generator().manual_seed(4)
+    keep = {s.layer: torch.stack([torch.randperm(8, generator=generator)[:5].sort().values
+                                  for _ in range(s.num_k_heads)]) for s in adapter.shapes()}  # fmt: skip
+    with torch.no_grad():
+        for layer, index in keep.items():
+            dropped = torch.ones(index.shape[0], 8, dtype=torch.bool).scatter_(1, index, False)  # [G, d_state]
+            for rows in masked.qk_weights(layer):  # the C and B rows of in_proj
+                rows[dropped] = 0
+            mixer = masked.mixer(layer)
+            if mixer.conv1d.bias is not None:
+                for kernel in masked.qk_conv_weights(layer):  # views into the conv weight: find the bias channels
+                    start = (kernel.data_ptr() - mixer.conv1d.weight.data_ptr()) // kernel.element_size()
+                    channels = start // mixer.conv1d.weight.shape[-1] + torch.nonzero(dropped.flatten())[:, 0]
+                    mixer.conv1d.bias[channels] = 0
+        for f in tapped_features(masked, ids).values():  # the premise: the dropped features are 0
+            dropped = ~torch.zeros(f.q.shape[2], 8, dtype=torch.bool).scatter_(1, keep[f.layer], True)
+            assert f.q[..., dropped].abs().max() == f.k[..., dropped].abs().max() == 0
+        expected = masked_model(input_ids=ids).logits
+    state_bytes = adapter.state_bytes_per_seq()
+    adapter.keep_qk_channels(keep)
+    with torch.no_grad():
+        pruned = model(input_ids=ids).logits
+    torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-5)
+    assert (pruned - unpruned).abs().max() > 1e-3  # not vacuous
+    assert [s.head_k_dim for s in adapter.shapes()] == [5] * len(keep)
+    assert adapter.state_bytes_per_seq() < state_bytes
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = type(model).from_pretrained(tmp_path / "pruned").float().eval()
+    assert [s.head_k_dim for s in adapter_for(reloaded).shapes()] == [5] * len(keep)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, pruned, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def tapped_features(adapter, ids):
+    features = {}
+    with adapter.tap(lambda f: features.__setitem__(f.layer, f)):
+        adapter.model(input_ids=ids)
+    return features
+
+
+@pytest.mark.parametrize("family", [*MODELS, *CONFIGS])
+def test_head_pruning_and_graphed_decoding_are_refused_with_the_reason(family):
     from staterank.bench import BenchError, StaticDecoder
 
     model = build(family)
     adapter = adapter_for(model)
-    keep = {s.layer: torch.arange(4).repeat(s.num_k_heads, 1) for s in adapter.shapes()}
-    with pytest.raises(PruningShapeError, match="d_state"):
-        adapter.keep_qk_channels(keep)
     with pytest.raises(PruningShapeError, match="normalises the heads of a group"):
         adapter.remove_heads({s.layer: [0] for s in adapter.shapes()})
     with pytest.raises(BenchError, match="graphed decoding"):
@@ -130,7 +178,7 @@ def source(tmp_path):
     return tmp_path / "source"
 
 
-def test_info_and_analyze_run_and_pruning_exits_2(source, tmp_path, capsys):
+def test_info_analyze_and_channel_pruning_run_and_head_pruning_exits_2(source, tmp_path, capsys):
     assert main(["info", str(source)]) == 0
     assert "Mamba-2" in capsys.readouterr().out
     ranks = tmp_path / "ranks"
@@ -140,7 +188,10 @@ def test_info_and_analyze_run_and_pruning_exits_2(source, tmp_path, capsys):
     result = json.loads((ranks / "rank.json").read_text())
     assert [len(layer["heads"]) for layer in result["layers"]] == [8]  # layer 1 is attention
     assert all(layer["head_k_dim"] == 8 and layer["head_v_dim"] == 8 for layer in result["layers"])
-    out = tmp_path / "pruned"
-    assert main(["prune", str(source), "--method", "l2", "--ratio", "0.5", "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "d_state" in err and len(err.splitlines()) == 1 and not out.exists()
+    out = tmp_path / "pruned"  # d_state 8 -> 4 by the B and C rows' norms
+    assert main(["prune", str(source), "--method", "l2", "--ratio", "0.5", "--align", "1", "--out", str(out)]) == 0
+    assert [s.head_k_dim for s in adapter_for(AutoModelForCausalLM.from_pretrained(out)).shapes()] == [4]
+    heads = tmp_path / "heads"
+    assert main(["prune", str(source), "--method", "heads-random", "--ratio", "0.5", "--out", str(heads)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "normalises the heads of a group" in err and not heads.exists()

@@ -16,10 +16,12 @@ SiLU runs over ``[x | B | C]``; the tap rebuilds all of it from the mixer's inpu
 fla's ``Mamba2`` may put two ``d_mlp``-wide blocks before ``z`` in ``in_proj``'s output, and calls the time-step
 limit ``dt_limit``; the tap reads both layouts.
 
-What runs: ``info`` and ``analyze`` (the states at every position, tested against each model's own cache), and the
-criteria's scores over the B and C rows. Refused, each with its reason: q/k (here d_state) channel pruning and head
-pruning, which are not checked against a stock reload yet (and the gated RMSNorm normalises each group's heads
-together, so removing a head changes its neighbours), and graphed decoding.
+What runs: ``info`` and ``analyze`` (the states at every position, tested against each model's own cache), and q/k
+channel pruning, which here cuts d_state: the same channels of B and C are kept in every group (the rows of
+``in_proj`` and the convolution's channels), which drops those rows of every head's state, and the config's state
+size says so (``state_size``, ``mamba_d_state`` or ``ssm_state_size``), so stock classes reload it. Refused, each
+with its reason: head pruning (the gated RMSNorm normalises each group's heads together, so removing a head changes
+its neighbours) and graphed decoding.
 """
 
 from __future__ import annotations
@@ -30,12 +32,23 @@ from torch import nn
 
 from staterank.errors import UnsupportedModelError
 from staterank.models import register
-from staterank.models.base import HeadFeatures, LayerShape, ModelAdapter, PruningShapeError, StaticCacheError
+from staterank.models.base import (
+    HeadFeatures,
+    LayerShape,
+    ModelAdapter,
+    PruningShapeError,
+    StaticCacheError,
+    per_head_channels,
+    slice_conv_channels,
+    slice_linear_rows,
+)
 from staterank.models.fla_common import causal_depthwise_conv
 
 #: The Mamba-2 mixer classes of transformers' models, and the attribute of a decoder block that holds one.
 MIXER_CLASSES = ("Mamba2Mixer", "Mamba2", "BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer")
 MIXER_ATTRIBUTES = ("mixer", "mamba")
+#: Where each family's config keeps d_state: mamba2 (transformers and fla), bamba and granitemoehybrid, nemotron_h.
+STATE_SIZE_FIELDS = ("state_size", "mamba_d_state", "ssm_state_size")
 
 
 @register
@@ -45,7 +58,6 @@ class Mamba2Adapter(ModelAdapter):
     lora_targets = ("in_proj",)
     no_decay_suffixes = ("A_log", "dt_bias", "D")
     state_dtype = torch.float32  # the scans keep the state in float32
-    channel_pruning_refusal = "pruning Mamba-2's d_state (the B and C rows) is not checked against a stock reload yet"
     head_pruning_refusal = (
         "the gated RMSNorm normalises the heads of a group together, so removing a head changes the others"
     )
@@ -135,7 +147,26 @@ class Mamba2Adapter(ModelAdapter):
         return (c.view(shape.num_k_heads, shape.head_k_dim, -1), b.view(shape.num_k_heads, shape.head_k_dim, -1))
 
     def _keep_qk_channels(self, layer: int, index: torch.Tensor) -> None:
-        raise PruningShapeError(f"{self.family}: {self.channel_pruning_refusal}")  # refused before, in keep_qk_channels
+        mixer = self.mixer(layer)
+        inner, state = mixer.intermediate_size, mixer.ssm_state_size
+        groups = mixer.n_groups * state
+        kept = per_head_channels(index, state)  # within the B (and likewise the C) block of every group
+        b_rows = self._z_offset(mixer) + 2 * inner  # in_proj: [(MLP blocks) | z | x | B | C | dt]
+        rows = torch.cat((torch.arange(b_rows), b_rows + kept, b_rows + groups + kept,
+                          torch.arange(b_rows + 2 * groups, mixer.in_proj.out_features)))  # fmt: skip
+        slice_linear_rows(mixer.in_proj, rows)
+        channels = torch.cat((torch.arange(inner), inner + kept, inner + groups + kept))  # conv: [x | B | C]
+        slice_conv_channels(mixer.conv1d, channels)
+        mixer.ssm_state_size = int(index.shape[1])
+        mixer.conv_dim = inner + 2 * mixer.n_groups * mixer.ssm_state_size
+
+    def _set_head_k_dim(self, head_k_dim: int) -> None:
+        config = self.config.get_text_config(decoder=True)
+        names = [name for name in STATE_SIZE_FIELDS if hasattr(config, name)]
+        if not names:
+            raise PruningShapeError(f"{self.family}: the config names its state size none of {STATE_SIZE_FIELDS}")
+        for name in names:
+            setattr(config, name, head_k_dim)
 
     def keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
         self.check_head_pruning()  # always refuses: see head_pruning_refusal
@@ -143,5 +174,3 @@ class Mamba2Adapter(ModelAdapter):
     def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict:
         raise PruningShapeError(f"{self.family}: {self.head_pruning_refusal}")
 
-    def _set_head_k_dim(self, head_k_dim: int) -> None:
-        raise PruningShapeError(f"{self.family}: {self.channel_pruning_refusal}")
