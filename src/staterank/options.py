@@ -213,8 +213,9 @@ class AnalyzeOptions(Loading):
     batch_size: int = option(1, "sequences per forward pass", positive_int)
     kernels: str = option(
         "torch",
-        "the forward's linear-attention kernels on a GPU: torch (staterank's PyTorch ones, nothing to compile) or "
-        "fla (fla's Triton ones: faster per sample, after one to two minutes of compiling on a fresh machine)",
+        "the forward's kernels on a GPU for fla's models: torch (staterank's PyTorch ones, nothing to compile) or "
+        "fla (fla's Triton ones: faster per sample, after one to two minutes of compiling on a fresh machine); "
+        "transformers' hybrids keep the kernels transformers chose",
         choices=("torch", "fla"),
     )
     overwrite: bool = option(False, "replace an existing --out")
