@@ -255,3 +255,30 @@ class ExpandKSizes:
         for layer in self.linear_layers():
             mixer = self.mixer(layer)
             mixer.expand_k, mixer.expand_v = self.config.expand_k, self.config.expand_v
+
+
+class UngroupedHeads:
+    """fla layers whose every query head has its own key/value head (GLA, RetNet): ``H x H`` heads per layer.
+
+    Query heads that share key/value heads (``num_kv_heads`` below ``num_heads``) are refused, as their states
+    coincide. Without short convolutions these layers apply no activation to q, k and v (unlike DeltaNet's SiLU).
+    """
+
+    def __init__(self, model) -> None:
+        super().__init__(model)
+        grouped = [i for i in self.linear_layers() if self.mixer(i).num_kv_groups > 1]
+        if grouped:
+            raise UnsupportedModelError(
+                f"{self.family}: layers {grouped} share key/value heads between query heads (num_kv_heads < "
+                "num_heads), whose states coincide; staterank supports one key/value head per query head"
+            )
+
+    def layer_shape(self, layer: int) -> LayerShape:
+        mixer = self.mixer(layer)
+        return LayerShape(layer, mixer.num_heads, mixer.num_heads, mixer.head_k_dim, mixer.head_v_dim)
+
+    @staticmethod
+    def _plain_conv(mixer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The projection ``x`` after its short convolution (with the convolution's activation), or as it is."""
+        conv = getattr(mixer, f"{name}_conv1d", None)
+        return x if conv is None else causal_depthwise_conv(x, conv.weight, conv.bias, silu=conv.activation is not None)

@@ -15,46 +15,30 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from staterank.errors import UnsupportedModelError
 from staterank.models import register
 from staterank.models.base import (
     HeadFeatures,
-    LayerShape,
     head_channels,
     per_head_channels,
     slice_conv_channels,
     slice_linear_columns,
     slice_linear_rows,
 )
-from staterank.models.fla_common import ExpandKSizes, FlaAdapter, causal_depthwise_conv
+from staterank.models.fla_common import ExpandKSizes, FlaAdapter, UngroupedHeads
 
 
 @register
-class GlaAdapter(ExpandKSizes, FlaAdapter):
+class GlaAdapter(UngroupedHeads, ExpandKSizes, FlaAdapter):
     family = "GLA (flash-linear-attention)"
     model_types = ("gla",)
     layer_class_name = "GatedLinearAttention"
     state_v_first = True  # fla 0.6.0's GatedLinearAttention calls its kernels with state_v_first=True
     no_decay_suffixes = ()
 
-    def __init__(self, model) -> None:
-        super().__init__(model)
-        grouped = [i for i in self.linear_layers() if self.mixer(i).num_kv_groups > 1]
-        if grouped:
-            raise UnsupportedModelError(
-                f"{self.family}: layers {grouped} share key/value heads between query heads (num_kv_heads < "
-                "num_heads), whose states coincide; staterank supports one key/value head per query head"
-            )
-
-    def layer_shape(self, layer: int) -> LayerShape:
-        mixer = self.mixer(layer)
-        return LayerShape(layer, mixer.num_heads, mixer.num_heads, mixer.head_k_dim, mixer.head_v_dim)
-
     def features(self, layer: int, hidden: torch.Tensor) -> HeadFeatures:
         mixer, shape = self.mixer(layer), self.layer_shape(layer)
-        q, k, v = (self._gla_conv(mixer, name, getattr(mixer, f"{name}_proj")(hidden)) for name in ("q", "k", "v"))
+        q, k, v = (self._plain_conv(mixer, name, getattr(mixer, f"{name}_proj")(hidden)) for name in ("q", "k", "v"))
         if mixer.feature_map_fn is not None:
             q, k = mixer.feature_map_fn(q), mixer.feature_map_fn(k)
         beta = hidden.new_ones(*hidden.shape[:2], shape.num_v_heads, dtype=torch.float32)  # unused: no delta rule
@@ -65,12 +49,6 @@ class GlaAdapter(ExpandKSizes, FlaAdapter):
         return HeadFeatures.from_projections(
             layer, hidden, shape, q, k, v, beta, log_decay, delta_rule=False, qk_l2norm=False
         )
-
-    @staticmethod
-    def _gla_conv(mixer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-        """GLA applies no activation without short convolutions (unlike DeltaNet's SiLU)."""
-        conv = getattr(mixer, f"{name}_conv1d", None)
-        return x if conv is None else causal_depthwise_conv(x, conv.weight, conv.bias, silu=conv.activation is not None)
 
     def _keep_qk_channels(self, layer: int, index: torch.Tensor) -> None:
         mixer = self.mixer(layer)

@@ -26,14 +26,13 @@ from __future__ import annotations
 import torch
 
 from staterank.backends.gla import retention_log_decay
-from staterank.errors import UnsupportedModelError
 from staterank.models import register
-from staterank.models.base import HeadFeatures, LayerShape, StaticCacheError
-from staterank.models.fla_common import ExpandKSizes, FlaAdapter, causal_depthwise_conv
+from staterank.models.base import HeadFeatures, StaticCacheError
+from staterank.models.fla_common import ExpandKSizes, FlaAdapter, UngroupedHeads
 
 
 @register
-class RetNetAdapter(ExpandKSizes, FlaAdapter):
+class RetNetAdapter(UngroupedHeads, ExpandKSizes, FlaAdapter):
     family = "RetNet (flash-linear-attention)"
     model_types = ("retnet",)
     layer_class_name = "MultiScaleRetention"
@@ -47,22 +46,9 @@ class RetNetAdapter(ExpandKSizes, FlaAdapter):
         "each head's decay 1 - 2^(-5 - h) follows from its index h, so the heads kept would take other decays"
     )
 
-    def __init__(self, model) -> None:
-        super().__init__(model)
-        grouped = [i for i in self.linear_layers() if self.mixer(i).num_kv_groups > 1]
-        if grouped:
-            raise UnsupportedModelError(
-                f"{self.family}: layers {grouped} share key/value heads between query heads (num_kv_heads < "
-                "num_heads), whose states coincide; staterank supports one key/value head per query head"
-            )
-
-    def layer_shape(self, layer: int) -> LayerShape:
-        mixer = self.mixer(layer)
-        return LayerShape(layer, mixer.num_heads, mixer.num_heads, mixer.head_k_dim, mixer.head_v_dim)
-
     def features(self, layer: int, hidden: torch.Tensor) -> HeadFeatures:
         mixer, shape = self.mixer(layer), self.layer_shape(layer)
-        q, k, v = (self._conv(mixer, name, getattr(mixer, f"{name}_proj")(hidden)) for name in ("q", "k", "v"))
+        q, k, v = (self._plain_conv(mixer, name, getattr(mixer, f"{name}_proj")(hidden)) for name in ("q", "k", "v"))
         heads = (shape.num_k_heads, shape.head_k_dim)
         q, k = q.unflatten(-1, heads), k.unflatten(-1, heads)
         if mixer.feature_map_fn is not None:
@@ -77,12 +63,6 @@ class RetNetAdapter(ExpandKSizes, FlaAdapter):
 
     def keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
         self.check_head_pruning()  # always refuses: see head_pruning_refusal
-
-    @staticmethod
-    def _conv(mixer, name: str, x: torch.Tensor) -> torch.Tensor:
-        """RetNet applies no activation without short convolutions."""
-        conv = getattr(mixer, f"{name}_conv1d", None)
-        return x if conv is None else causal_depthwise_conv(x, conv.weight, conv.bias, silu=conv.activation is not None)
 
     def static_cache_tensors(self, cache) -> list[torch.Tensor]:
         raise StaticCacheError(
