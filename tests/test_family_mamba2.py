@@ -195,3 +195,22 @@ def test_info_analyze_and_channel_pruning_run_and_head_pruning_exits_2(source, t
     assert main(["prune", str(source), "--method", "heads-random", "--ratio", "0.5", "--out", str(heads)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "normalises the heads of a group" in err and not heads.exists()
+
+
+@pytest.mark.parametrize("family", ["mamba2-transformers", "bamba"])
+def test_decoding_through_the_cache_the_bench_passes_equals_the_full_forward(family, one_thread):
+    """transformers' Mamba2 takes and returns its cache as ``cache_params``, the hybrids as ``past_key_values``:
+    ``staterank.bench`` passes and reads either, and decoding through it gives the full forward's logits."""
+    from staterank.bench import cache_of as bench_cache_of
+    from staterank.bench import with_cache
+
+    model = build(family)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        out = model(input_ids=ids[:, :20], use_cache=True)
+        steps = [out.logits]
+        for t in range(20, 24):
+            out = model(input_ids=ids[:, t : t + 1], **with_cache(model, bench_cache_of(out)), use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
