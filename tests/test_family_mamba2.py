@@ -1,11 +1,12 @@
 """Mamba-2 layers (transformers' and fla's mamba2; transformers' bamba, nemotron_h, granitemoehybrid): the states
 rebuilt from the tap at every requested position against each model's own cache after that prefix, the metrics on
-them, d_state pruning against zeroed B and C rows and the stock reload, and the refusals (head pruning, graphed
-decoding) in one line."""
+them, d_state pruning against zeroed B and C rows and group removal against zeroed output columns (with the stock
+reloads), and the refusals (part of a group, graphed decoding) in one line."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -155,15 +156,43 @@ def tapped_features(adapter, ids):
 
 
 @pytest.mark.parametrize("family", [*MODELS, *CONFIGS])
-def test_head_pruning_and_graphed_decoding_are_refused_with_the_reason(family):
+def test_removing_a_whole_group_equals_zeroed_output_columns_and_reloads(family, one_thread, tmp_path):
+    """A group's heads go together (the gated RMSNorm normalises them together): removing group 0 equals the
+    original with those heads' out_proj columns zeroed, and the model's own class reloads it. Part of a group is
+    refused, and so is graphed decoding."""
     from staterank.bench import BenchError, StaticDecoder
 
-    model = build(family)
-    adapter = adapter_for(model)
-    with pytest.raises(PruningShapeError, match="normalises the heads of a group"):
-        adapter.remove_heads({s.layer: [0] for s in adapter.shapes()})
+    model, masked_model = build(family), build(family)
+    adapter, masked = adapter_for(model), adapter_for(masked_model)
+    with pytest.raises(PruningShapeError, match="whole group"):  # the first head of every group
+        adapter.remove_heads({s.layer: list(range(0, s.num_v_heads, s.group_size)) for s in adapter.shapes()})
     with pytest.raises(BenchError, match="graphed decoding"):
         StaticDecoder(model, torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2)
+    shape = adapter.shapes()[0]
+    if shape.num_k_heads == 1:
+        return  # fla's mamba2 here has one group, which cannot go
+    group = list(range(shape.group_size))  # the value heads of group 0
+    ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        unpruned = model(input_ids=ids).logits
+        for layer in masked.linear_layers():
+            out_proj = masked.mixer(layer).out_proj.weight  # [hidden, H * head_dim]
+            out_proj.view(out_proj.shape[0], shape.num_v_heads, shape.head_v_dim)[:, group] = 0
+        expected = masked_model(input_ids=ids).logits
+    state_bytes = adapter.state_bytes_per_seq()
+    adapter.remove_heads({layer: group for layer in adapter.linear_layers()})
+    with torch.no_grad():
+        pruned = model(input_ids=ids).logits
+    torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-5)
+    assert (pruned - unpruned).abs().max() > 1e-3  # not vacuous
+    after = adapter.shapes()[0]
+    assert (after.num_k_heads, after.num_v_heads) == (shape.num_k_heads - 1, shape.num_v_heads - shape.group_size)
+    assert adapter.state_bytes_per_seq() < state_bytes
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = type(model).from_pretrained(tmp_path / "pruned").float().eval()
+    assert adapter_for(reloaded).shapes() == adapter.shapes()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, pruned, rtol=0, atol=1e-6)
 
 
 @pytest.fixture
@@ -178,7 +207,7 @@ def source(tmp_path):
     return tmp_path / "source"
 
 
-def test_info_analyze_and_channel_pruning_run_and_head_pruning_exits_2(source, tmp_path, capsys):
+def test_info_analyze_and_pruning_by_channels_and_groups(source, tmp_path, capsys):
     assert main(["info", str(source)]) == 0
     assert "Mamba-2" in capsys.readouterr().out
     ranks = tmp_path / "ranks"
@@ -191,10 +220,16 @@ def test_info_analyze_and_channel_pruning_run_and_head_pruning_exits_2(source, t
     out = tmp_path / "pruned"  # d_state 8 -> 4 by the B and C rows' norms
     assert main(["prune", str(source), "--method", "l2", "--ratio", "0.5", "--align", "1", "--out", str(out)]) == 0
     assert [s.head_k_dim for s in adapter_for(AutoModelForCausalLM.from_pretrained(out)).shapes()] == [4]
-    heads = tmp_path / "heads"
-    assert main(["prune", str(source), "--method", "heads-random", "--ratio", "0.5", "--out", str(heads)]) == 2
+    heads = tmp_path / "heads"  # half the heads, as one of the two groups
+    argv = ["prune", str(source), "--method", "heads-random", "--ratio", "0.5", "--unit", "key", "--out", str(heads)]
+    assert main(argv) == 0
+    shape = adapter_for(AutoModelForCausalLM.from_pretrained(heads)).shapes()[0]
+    assert (shape.num_k_heads, shape.num_v_heads) == (1, 4)
+    part = tmp_path / "part"
+    argv = ["prune", str(source), "--method", "heads-random", "--ratio", "0.25", "--unit", "value", "--out", str(part)]
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "normalises the heads of a group" in err and not heads.exists()
+    assert re.search("whole group|same number of value heads", err) and not part.exists()
 
 
 @pytest.mark.parametrize("family", ["mamba2-transformers", "bamba"])

@@ -19,9 +19,10 @@ limit ``dt_limit``; the tap reads both layouts.
 What runs: ``info`` and ``analyze`` (the states at every position, tested against each model's own cache), and q/k
 channel pruning, which here cuts d_state: the same channels of B and C are kept in every group (the rows of
 ``in_proj`` and the convolution's channels), which drops those rows of every head's state, and the config's state
-size says so (``state_size``, ``mamba_d_state`` or ``ssm_state_size``), so stock classes reload it. Refused, each
-with its reason: head pruning (the gated RMSNorm normalises each group's heads together, so removing a head changes
-its neighbours) and graphed decoding.
+size says so (``state_size``, ``mamba_d_state`` or ``ssm_state_size``), so stock classes reload it; and head pruning
+by whole groups (``--unit key``): a group's heads go together, with their B and C, because the gated RMSNorm
+normalises each group's heads together (removing one head would change the others); the config's head and group
+counts and expansion say so. Refused: removing part of a group, and graphed decoding.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ from staterank.models.base import (
     ModelAdapter,
     PruningShapeError,
     StaticCacheError,
+    head_channels,
     per_head_channels,
     slice_conv_channels,
+    slice_linear_columns,
     slice_linear_rows,
+    slice_vector,
 )
 from staterank.models.fla_common import causal_depthwise_conv
 
@@ -49,6 +53,11 @@ MIXER_CLASSES = ("Mamba2Mixer", "Mamba2", "BambaMixer", "NemotronHMamba2Mixer", 
 MIXER_ATTRIBUTES = ("mixer", "mamba")
 #: Where each family's config keeps d_state: mamba2 (transformers and fla), bamba and granitemoehybrid, nemotron_h.
 STATE_SIZE_FIELDS = ("state_size", "mamba_d_state", "ssm_state_size")
+#: ... and its heads, groups and expansion (intermediate = expand x hidden_size, where the config derives it so).
+HEAD_FIELDS = ("num_heads", "mamba_n_heads", "mamba_num_heads")
+GROUP_FIELDS = ("n_groups", "mamba_n_groups")
+EXPAND_FIELDS = ("expand", "mamba_expand")
+WHOLE_EXPAND_FIELDS = ("mamba_expand",)  # bamba's and granitemoehybrid's are whole numbers
 
 
 @register
@@ -58,9 +67,6 @@ class Mamba2Adapter(ModelAdapter):
     lora_targets = ("in_proj",)
     no_decay_suffixes = ("A_log", "dt_bias", "D")
     state_dtype = torch.float32  # the scans keep the state in float32
-    head_pruning_refusal = (
-        "the gated RMSNorm normalises the heads of a group together, so removing a head changes the others"
-    )
 
     def __init__(self, model) -> None:
         super().__init__(model)
@@ -169,8 +175,46 @@ class Mamba2Adapter(ModelAdapter):
             setattr(config, name, head_k_dim)
 
     def keep_heads(self, layer: int, kept_k: torch.Tensor, kept_v: torch.Tensor) -> None:
-        self.check_head_pruning()  # always refuses: see head_pruning_refusal
+        mixer, shape = self.mixer(layer), self.layer_shape(layer)
+        if len(kept_v) != len(kept_k) * shape.group_size:
+            raise PruningShapeError(
+                f"{self.family}: layer {layer}: heads go with their whole group (remove whole groups: --unit key), "
+                "as the gated RMSNorm normalises each group's heads together"
+            )
+        inner, state, head_dim = mixer.intermediate_size, mixer.ssm_state_size, mixer.head_dim
+        groups = mixer.n_groups * state
+        heads, kept_groups = head_channels(kept_v, head_dim), head_channels(kept_k, state)
+        z = self._z_offset(mixer)  # in_proj: [(MLP blocks) | z | x | B | C | dt]
+        rows = torch.cat((torch.arange(z), z + heads, z + inner + heads, z + 2 * inner + kept_groups,
+                          z + 2 * inner + groups + kept_groups, z + 2 * inner + 2 * groups + kept_v))  # fmt: skip
+        slice_linear_rows(mixer.in_proj, rows)
+        slice_conv_channels(mixer.conv1d, torch.cat((heads, inner + kept_groups, inner + groups + kept_groups)))
+        mixer.A_log = slice_vector(mixer.A_log, kept_v)
+        mixer.dt_bias = slice_vector(mixer.dt_bias, kept_v)
+        mixer.D = slice_vector(mixer.D, kept_v if mixer.D.numel() == shape.num_v_heads else heads)  # fla: per channel
+        if getattr(mixer, "norm", None) is not None:
+            mixer.norm.weight = slice_vector(mixer.norm.weight, heads)  # each group's size is unchanged
+        slice_linear_columns(mixer.out_proj, heads)
+        mixer.num_heads, mixer.n_groups = len(kept_v), len(kept_k)
+        mixer.intermediate_size = len(kept_v) * head_dim
+        mixer.conv_dim = mixer.intermediate_size + 2 * mixer.n_groups * state
 
     def head_count_fields(self, num_k_heads: int, num_v_heads: int) -> dict:
-        raise PruningShapeError(f"{self.family}: {self.head_pruning_refusal}")
+        config = self.config.get_text_config(decoder=True)
+        inner = num_v_heads * self.layer_shape(self.linear_layers()[0]).head_v_dim
+        fields = {name: num_v_heads for name in HEAD_FIELDS if hasattr(config, name)}
+        fields |= {name: num_k_heads for name in GROUP_FIELDS if hasattr(config, name)}
+        for name in EXPAND_FIELDS:  # intermediate = int(expand * hidden_size), where the config derives it so
+            if hasattr(config, name):
+                expand = inner / config.hidden_size
+                if expand.is_integer():
+                    expand = int(expand)
+                elif name in WHOLE_EXPAND_FIELDS or int(expand * config.hidden_size) != inner:
+                    raise PruningShapeError(
+                        f"{self.family}: {num_v_heads} heads of {inner // num_v_heads} channels make {inner} channels, "
+                        f"which the config states only as a whole {name} x hidden_size ({config.hidden_size}); "
+                        "keep a number of heads that does"
+                    )
+                fields[name] = expand
+        return fields
 
