@@ -147,22 +147,27 @@ def chunk_delta_rule_torch(
     return o, (S if output_final_state else None)
 
 
-def _scalar_chunks(q, k, v, beta, g, S, delta_rule=True):
-    """The chunk recurrence with one decay per head: chunked inputs ``[B, HV, NT, C, *]``, state ``[B, HV, K, V]``."""
-    C, V = q.shape[-2], v.shape[-1]
-    gamma = g.cumsum(-1)  # [B, HV, NT, C]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # decay[i, j] = exp(gamma_i - gamma_j) for j <= i; masking before exp avoids overflow above the diagonal.
+def _scalar_wy(k, v, beta, gamma, delta_rule=True):
+    """The per-chunk terms of the rule with one decay per head: ``decay[i, j] = exp(gamma_i - gamma_j)`` (j <= i,
+    else 0) and ``delta = U - W S_0`` as ``(U, W)`` (``W`` None without the delta correction, where delta = U)."""
+    C, V = k.shape[-2], v.shape[-1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
+    # masking before exp avoids overflow above the diagonal
     decay = torch.where(causal, gamma[..., :, None] - gamma[..., None, :], float('-inf')).exp()  # [B, HV, NT, C, C]
-
-    u, w = v * beta[..., None], None  # without the delta correction: delta = U
+    u, w = v * beta[..., None], None
     if delta_rule:
         k_beta = k * beta[..., None]
         A = ((k_beta @ k.transpose(-1, -2)) * decay).tril(-1)
         rhs = torch.cat((u, k_beta * gamma.exp()[..., None]), dim=-1)
         # unitriangular=True reads A's (zero) diagonal as ones: this solves (I + A) [U | W] = rhs.
-        u, w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split((V, q.shape[-1]), dim=-1)
+        u, w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split((V, k.shape[-1]), dim=-1)
+    return decay, u, w
 
+
+def _scalar_chunks(q, k, v, beta, g, S, delta_rule=True):
+    """The chunk recurrence with one decay per head: chunked inputs ``[B, HV, NT, C, *]``, state ``[B, HV, K, V]``."""
+    gamma = g.cumsum(-1)  # [B, HV, NT, C]
+    decay, u, w = _scalar_wy(k, v, beta, gamma, delta_rule)
     attn = (q @ k.transpose(-1, -2)) * decay  # [B, HV, NT, C, C], lower triangular incl. diagonal
     q_decayed = q * gamma.exp()[..., None]
     k_decayed = k * (gamma[..., -1:] - gamma).exp()[..., None]
@@ -208,14 +213,7 @@ def delta_rule_states_torch(
     k, v, beta, g = (_chunks(x[:, :last].to(dtype), chunk_size) for x in (k, v, beta, g))
     C = k.shape[-2]
     gamma = g.cumsum(-1)  # [B, HV, NT, C]
-    causal = torch.ones(C, C, dtype=torch.bool, device=k.device).tril()
-    u, w = v * beta[..., None], None
-    if delta_rule:
-        decay = torch.where(causal, gamma[..., :, None] - gamma[..., None, :], float('-inf')).exp()
-        k_beta = k * beta[..., None]
-        A = ((k_beta @ k.transpose(-1, -2)) * decay).tril(-1)
-        rhs = torch.cat((u, k_beta * gamma.exp()[..., None]), dim=-1)
-        u, w = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True).split((V, K), dim=-1)
+    _, u, w = _scalar_wy(k, v, beta, gamma, delta_rule)
     k_decayed_t = (k * (gamma[..., -1:] - gamma).exp()[..., None]).transpose(-1, -2)  # [B, HV, NT, K, C]
     chunk_decay = gamma[..., -1].exp()[..., None, None]
 
