@@ -106,20 +106,12 @@ def singular_values(matrices: torch.Tensor) -> torch.Tensor:
     through float64 Gram matrices and ``eigvalsh`` against 0.58 s here), and cuSOLVER's batched ``gesvda``
     failed to converge on such states (error 77: rank-deficient, repeated zero singular values).
     """
-    host = matrices.detach().cpu()
-    flat = host.reshape(-1, *host.shape[-2:])
-    workers = max(1, min(torch.get_num_threads(), len(flat) // 64))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        if workers == 1:
-            sigma = torch.linalg.svdvals(flat)
-        else:  # the LAPACK calls release the GIL: one chunk of the batch per thread
-            with ThreadPoolExecutor(workers) as pool:
-                sigma = torch.cat(list(pool.map(torch.linalg.svdvals, flat.chunk(workers))))
-    finally:
-        torch.set_num_threads(threads)
-    return sigma.reshape(*host.shape[:-2], -1).to(matrices.device)
+    count = matrices[..., 0, 0].numel()
+    workers = max(1, min(torch.get_num_threads(), count // 64))
+    # the LAPACK calls release the GIL: one chunk of the batch per thread (:class:`HostSingularValues`)
+    with HostSingularValues(workers, chunk=max(1, -(-count // workers))) as host:
+        sigma = host.submit(matrices)()
+    return sigma.to(matrices.device)
 
 
 def singular_values_of(batches: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -188,7 +180,7 @@ class HostSingularValues:
         futures = [self._pool.submit(svdvals, part) for part in host.reshape(-1, *shape[-2:]).split(self.chunk)]
 
         def result() -> torch.Tensor:
-            return torch.cat([future.result() for future in futures]).reshape(*shape[:-2], -1)
+            return torch.cat([future.result() for future in futures]).reshape(*shape[:-2], min(shape[-2:]))
 
         return result
 
