@@ -48,6 +48,7 @@ def active() -> bool:
 #: Arguments that must keep their default for a step to run through the KDA kernel in place.
 _MUST_BE_DEFAULT = ("gv", "cu_seqlens")
 
+
 def step(
     kind: str, fla_function: Callable, torch_impl: Callable, args: tuple, kwargs: dict, torch_kernels: bool
 ) -> Any:
