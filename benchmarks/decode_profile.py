@@ -67,6 +67,7 @@ def main() -> int:
     parser.add_argument("--batch-sizes", default="1,256")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--row-major", action="store_true", help="keep every weight row-major (no relayout)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -90,7 +91,7 @@ def main() -> int:
         for batch in sorted((int(b) for b in args.batch_sizes.split(",")), reverse=True):
             prompt = torch.randint(0, loaded.model.config.vocab_size, (batch, 16), device="cuda")
             capacity = 4 + args.steps * (args.repeats + 2)
-            graphed = GraphedDecoder(loaded.model, prompt, capacity)
+            graphed = GraphedDecoder(loaded.model, prompt, capacity, relayout=not args.row_major)
             times = []
             for _ in range(args.repeats + 1):
                 torch.cuda.synchronize()
@@ -100,8 +101,9 @@ def main() -> int:
                 torch.cuda.synchronize()
                 times.append((time.perf_counter() - start) / args.steps * 1e6)
             graph_us = statistics.median(times[1:])
+            transposed = graphed.transposed
             del graphed
-            static = StaticDecoder(loaded.model, prompt, 3 + 2 * args.steps)
+            static = StaticDecoder(loaded.model, prompt, 3 + 2 * args.steps)  # profiled in the graphed layout
             for _ in range(3):  # Triton's autotuning and first launches out of the profile
                 static.step()
             per_kind, top = profile_step(static, args.steps)
@@ -114,6 +116,7 @@ def main() -> int:
                 "graph_us_per_step": graph_us,
                 "bound_us_per_step": bound_us,
                 "of_bound": bound_us / graph_us,
+                "transposed_projections": transposed,
                 "kernel_us_per_step": kernel_us,
                 "gaps_us_per_step": graph_us - kernel_us,
                 "kernel_us_by_kind": per_kind,

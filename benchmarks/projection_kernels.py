@@ -13,33 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from staterank.bench import graph_seconds_per_call
 
-def per_call_us(fn, calls: int = 100, repeats: int = 20) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(times)
+
+def per_call_us(fn) -> float:
+    return 1e6 * graph_seconds_per_call(fn, calls=100, repeats=20)
 
 
 def layouts(x: torch.Tensor, w: torch.Tensor, both: torch.Tensor, width: int) -> dict[str, float]:

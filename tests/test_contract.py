@@ -365,11 +365,13 @@ def test_removed_heads_equal_zeroed_output_columns_and_reload(family, one_thread
         assert cached.shape == (len(ids), shape.num_v_heads, shape.head_k_dim, shape.head_v_dim)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_static_decoding_equals_the_models_own_cache_and_keeps_its_memory(family, one_thread):
+def test_static_decoding_equals_the_models_own_cache_and_keeps_its_memory(family, transposed, one_thread):
     """The graph-ready decoder (fla's own cache, transformers' StaticCache for the hybrids) gives the logits of
-    decoding through the model's default cache, in tensors that never move."""
-    from staterank.bench import BenchError, StaticDecoder
+    decoding through the model's default cache, in tensors that never move; also with every projection's
+    weight stored transposed, as the graphed decoder does where cuBLAS runs that layout faster."""
+    from staterank.bench import BenchError, StaticDecoder, row_major_projections
 
     model, adapter = build(family)
     prompt = tokens()[:, :9]
@@ -377,7 +379,13 @@ def test_static_decoding_equals_the_models_own_cache_and_keeps_its_memory(family
         with pytest.raises(BenchError, match="rotary position"):
             StaticDecoder(model, prompt, max_new_tokens=4)
         return
-    decoder = StaticDecoder(model, prompt, max_new_tokens=4)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    # a timer under which the transposed layout wins (or loses) for every shape
+    timer = (lambda x, w: 1.0 - (w.stride(0) == 1)) if transposed else (lambda x, w: float(w.stride(0) == 1))
+    decoder = StaticDecoder(model, prompt, max_new_tokens=4, relayout=True, timer=timer)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m is not model.get_output_embeddings()]
+    assert all((m.weight.stride(0) == 1) == transposed for m in linears if m.out_features > 1)
+    assert (len(decoder.transposed) > 0) == transposed
     addresses = [t.data_ptr() for t in decoder.states]
     with torch.no_grad():
         cache = model(input_ids=prompt, use_cache=True).past_key_values
@@ -386,6 +394,9 @@ def test_static_decoding_equals_the_models_own_cache_and_keeps_its_memory(family
             cache = expected.past_key_values
             torch.testing.assert_close(decoder.step(), expected.logits, rtol=1e-5, atol=1e-5)
     assert [t.data_ptr() for t in decoder.states] == addresses
+    row_major_projections(model)
+    for name, p in model.named_parameters():  # the values never changed, and the layout is back
+        assert p.is_contiguous() and torch.equal(p, before[name]), name
 
 
 # Families whose one-token step is a fused recurrent delta rule, gated delta rule or KDA (GLA and linear

@@ -19,10 +19,12 @@ import gc
 import inspect
 import statistics
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from staterank.backends.in_place import states_in_place
 from staterank.errors import StaterankError
@@ -84,6 +86,83 @@ def _decode(model, prompt: torch.Tensor, steps: int) -> None:
         cache = cache_of(model(input_ids=token, **with_cache(model, cache), use_cache=True))
 
 
+def graph_seconds_per_call(fn: Callable[[], object], calls: int = 20, repeats: int = 5) -> float:
+    """Median seconds of one call of ``fn`` (CUDA), from replays of a CUDA graph of ``calls`` calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / calls)
+    return statistics.median(times)
+
+
+def _product_seconds(x: torch.Tensor, weight: torch.Tensor) -> float:
+    return graph_seconds_per_call(lambda: F.linear(x, weight))
+
+
+def _stored_transposed(weight: torch.Tensor) -> bool:
+    return weight.shape[0] > 1 and weight.stride() == (1, weight.shape[0])
+
+
+def projection_layouts(
+    model, batch_size: int, timer: Callable[[torch.Tensor, torch.Tensor], float] | None = None, margin: float = 0.9
+) -> list[list[int]]:
+    """Store every linear layer's weight in the memory layout whose ``batch_size``-row product runs fastest.
+
+    cuBLAS picks its kernel from the shapes and the operands' layouts, and at small batches it sometimes picks
+    badly: on an H200 in bf16, a ``[1, 2048] -> 1024`` product (a pruned DeltaNet-1.3B's q and k projections)
+    takes 12.5 us on the usual row-major ``[out, in]`` weight and 5.1 us on the same weight stored transposed
+    (``benchmarks/projection_kernels.py``). For each shape of ``nn.Linear`` layer (the embeddings excluded) this
+    times one product both ways at ``batch_size`` (``timer(x, weight)``: CUDA-graph replays by default) and
+    stores the weights of that shape transposed, strides ``(1, out)``, where that is faster by more than
+    ``1 - margin``, row-major otherwise. Values, shapes and the layers' forward are unchanged; only where the
+    bytes lie. Returns the ``[in, out]`` shapes now stored transposed.
+    """
+    timer = timer or _product_seconds
+    embeddings = {id(model.get_input_embeddings().weight)}
+    if model.get_output_embeddings() is not None:
+        embeddings.add(id(model.get_output_embeddings().weight))
+    groups = defaultdict(list)
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and id(module.weight) not in embeddings:  # subclasses may read .weight
+            weight = module.weight
+            groups[(module.in_features, module.out_features, weight.dtype, weight.device)].append(module)
+    transposed = []
+    for (n_in, n_out, dtype, device), modules in groups.items():
+        rows = modules[0].weight.detach().contiguous()
+        columns = rows.t().contiguous().t()
+        x = torch.randn(batch_size, n_in, dtype=dtype, device=device)
+        use_columns = timer(x, columns) < margin * timer(x, rows)
+        del rows, columns
+        for module in modules:
+            if _stored_transposed(module.weight) != use_columns:
+                weight = module.weight.detach()
+                module.weight.data = weight.t().contiguous().t() if use_columns else weight.contiguous()
+        if use_columns:
+            transposed.append([n_in, n_out])
+    return transposed
+
+
+def row_major_projections(model) -> None:
+    """Undo :func:`projection_layouts`: every linear layer's weight row-major (contiguous) again."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and not module.weight.is_contiguous():
+            module.weight.data = module.weight.detach().contiguous()
+
+
 class StaticDecoder:
     """Greedy-free decoding through a cache whose tensors keep their memory from step to step.
 
@@ -96,13 +175,25 @@ class StaticDecoder:
     hybrids, whose attention layers then write into preallocated key/value buffers of ``max_new_tokens``
     more slots than the prompt), or the model's own where it is of fixed size already (fla's); the adapter
     says why another cannot be (:meth:`~staterank.models.base.ModelAdapter.static_cache_tensors`).
+
+    With ``relayout``, the linear layers' weights are first stored in the layout whose product at this batch
+    runs fastest (:func:`projection_layouts`, ``timer`` for its timings; the shapes it transposed are in
+    ``transposed``); they stay so until :func:`row_major_projections`.
     """
 
-    def __init__(self, model, prompt: torch.Tensor, max_new_tokens: int = 256):
+    def __init__(
+        self,
+        model,
+        prompt: torch.Tensor,
+        max_new_tokens: int = 256,
+        relayout: bool = False,
+        timer: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+    ):
         self.model = model
         self.adapter = adapter_for(model)
         self.capacity = max_new_tokens
         self.steps = 0
+        self.transposed = projection_layouts(model, prompt.shape[0], timer) if relayout else []
         cache = self.adapter.decoding_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
         given = {} if cache is None else with_cache(model, cache)
         with torch.no_grad():
@@ -134,10 +225,13 @@ class StaticDecoder:
 
 
 class GraphedDecoder(StaticDecoder):
-    """:class:`StaticDecoder` whose step is captured once in a CUDA graph and then replayed."""
+    """:class:`StaticDecoder` whose step is captured once in a CUDA graph and then replayed; its weights are laid
+    out for the batch first unless ``relayout`` is off."""
 
-    def __init__(self, model, prompt: torch.Tensor, max_new_tokens: int = 256, warmup_steps: int = 3):
-        super().__init__(model, prompt, max_new_tokens)
+    def __init__(
+        self, model, prompt: torch.Tensor, max_new_tokens: int = 256, warmup_steps: int = 3, relayout: bool = True
+    ):
+        super().__init__(model, prompt, max_new_tokens, relayout=relayout)
         # Triton autotuning and lazy allocations must happen before capture, on a side stream.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -330,6 +424,7 @@ def _measure(
     prefill: dict[int, list[float]] = {i: [] for i in range(len(models))}
     decode: dict[tuple[int, int], list[float]] = {(i, b): [] for i in range(len(models)) for b in decode_batch_sizes}
     graphed: dict[tuple[int, int], list[float]] = {key: [] for key in decode}
+    transposed: dict[tuple[int, int], list[list[int]]] = {}  # the projections each graphed batch stored transposed
     peak: dict[int, int | None] = {}
     for repeat in range(warmup + repeats):
         for i, loaded in enumerate(models):
@@ -356,7 +451,11 @@ def _measure(
                 seconds = _timed(lambda d=decoder: [d.step() for _ in range(decode_steps)], device)
                 if repeat >= warmup:
                     graphed[(i, b)].append(seconds)
+        for i, decoder in enumerate(decoders):
+            transposed[(i, b)] = decoder.transposed
         del decoders
+    for loaded in models:  # the models as they were given
+        row_major_projections(loaded.model)
     graphs_ran = bool(decode_batch_sizes) and graphs_unavailable is None
     rows = []
     for i, (loaded, name) in enumerate(zip(models, names, strict=True)):
@@ -371,6 +470,7 @@ def _measure(
             "decode_spread": {},
             "decode_graph_ms_per_token": {} if graphs_ran else None,
             "decode_graph_spread": {} if graphs_ran else None,
+            "decode_graph_transposed_projections": {} if graphs_ran else None,
             "decode_bound_ms_per_token": {},
             "peak_mem_bytes": peak.get(i),
             "state_bytes_per_seq": state_bytes,
@@ -385,6 +485,7 @@ def _measure(
                 timing = Timing.of(graphed[(i, b)])
                 row["decode_graph_ms_per_token"][str(b)] = 1000 * timing.median / decode_steps
                 row["decode_graph_spread"][str(b)] = timing.spread
+                row["decode_graph_transposed_projections"][str(b)] = transposed[(i, b)]
             bound_bytes = decode_bytes_per_step(loaded.model, state_bytes, b)
             row["decode_bound_ms_per_token"][str(b)] = 1000 * bound_bytes / inputs["bandwidth"]
         if memory_budget_bytes is not None:
