@@ -8,6 +8,14 @@ shipped ``techdocs`` corpus tokenised by the bundled tokenizer. Launch once per 
             benchmarks/distributed_scaling.py --config configs/bench/deltanet-1.3B.json --out runs/scaling/gpus-$n.json
     done
 
+With ``--parallel fsdp`` the fine-tuning is sharded (FSDP2, as ``staterank finetune --parallel fsdp``), with
+``--grad-checkpointing`` and ``--grad-accum`` as there; ``--finetune-only`` skips calibration. A recovery at
+Kimi-Linear-48B shapes on one GPU, for its peak memory and tokens/s:
+
+    PYTHONPATH=src python benchmarks/distributed_scaling.py --config configs/bench/kimi-linear-48B.json \
+        --finetune-only --parallel fsdp --grad-checkpointing --batch-per-gpu 4 --grad-accum 2 --steps 4 \
+        --warmup-steps 1 --out runs/kimi-fsdp.json
+
 Calibration streams a fixed set of sequences (``--calib-tokens``), split over the ranks: its
 tokens/s shows how much faster the same job ends. Fine-tuning keeps ``--batch-per-gpu`` sequences
 per rank, so the global batch grows with the GPUs (DDP's usual weak scaling). Both are measured
@@ -21,6 +29,7 @@ after a warm-up that compiles the kernels; a CPU smoke test:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import tempfile
@@ -51,6 +60,13 @@ def build(config_path: Path, device: torch.device, tokenizer, seed: int = 0) -> 
     return LoadedModel(model, tokenizer, adapter_for(model), config_path)
 
 
+def free(device: torch.device) -> None:
+    """Give the memory of deleted models back (the next one may need all of it)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -68,6 +84,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="measured fine-tuning steps (after --warmup-steps)")
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp", help="how fine-tuning spreads")
+    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per rank and step")
+    parser.add_argument("--finetune-only", action="store_true", help="skip the calibration measurement")
     args = parser.parse_args()
 
     here = distributed.world()
@@ -79,13 +99,23 @@ def main() -> int:
     sequences = load_sequences("techdocs", tokenizer, args.seq_len, max_tokens=args.calib_tokens)
 
     # -- calibration: a warm-up batch per rank, then the whole set ---------------------------------
-    calibrate(loaded.adapter, sequences[: args.calib_batch * here.size], args.calib_batch, progress=False)
-    synchronize(device)
-    start = time.perf_counter()
-    stats = calibrate(loaded.adapter, sequences, args.calib_batch, progress=False)
-    synchronize(device)
-    calib_seconds = time.perf_counter() - start
-    del loaded, stats
+    calibration = None
+    if not args.finetune_only:
+        calibrate(loaded.adapter, sequences[: args.calib_batch * here.size], args.calib_batch, progress=False)
+        synchronize(device)
+        start = time.perf_counter()
+        stats = calibrate(loaded.adapter, sequences, args.calib_batch, progress=False)
+        synchronize(device)
+        calib_seconds = time.perf_counter() - start
+        calibration = {
+            "tokens": int(sequences.numel()),
+            "batch_per_forward": args.calib_batch,
+            "seconds": calib_seconds,
+            "tokens_per_s": sequences.numel() / calib_seconds,
+        }
+        del stats
+    del loaded
+    free(device)
 
     # -- LoRA fine-tuning: a warm-up run compiles forward and backward, a fresh run is measured ----
     work = Path(tempfile.mkdtemp(prefix="scaling-")) if here.rank == 0 else None
@@ -93,11 +123,13 @@ def main() -> int:
     options = {
         "batch_size": args.batch_per_gpu * here.size, "seq_len": args.seq_len, "lora_rank": args.lora_rank,
         "lora_alpha": 2 * args.lora_rank, "warmup_steps": 1, "save_every": 0, "progress": False, "overwrite": True,
-        "device": str(device), "steps": args.warmup_steps + args.steps + 1,
+        "device": str(device), "steps": args.warmup_steps + args.steps + 1, "parallel": args.parallel,
+        "grad_checkpointing": args.grad_checkpointing, "grad_accum": args.grad_accum,
     }  # fmt: skip
     warm = build(args.config, device, tokenizer)
     finetune(warm, "techdocs", work / "warmup", stop_after=args.warmup_steps, **options)
     del warm
+    free(device)
     fresh = build(args.config, device, tokenizer)
     measured = finetune(fresh, "techdocs", work / "run", stop_after=args.steps, **options)
     if distributed.is_main():
@@ -110,13 +142,13 @@ def main() -> int:
         "dtype": "bfloat16" if device.type == "cuda" else "float32",
         "params": params,
         "seq_len": args.seq_len,
-        "calibration": {
-            "tokens": int(sequences.numel()),
-            "batch_per_forward": args.calib_batch,
-            "seconds": calib_seconds,
-            "tokens_per_s": sequences.numel() / calib_seconds,
-        },
+        "calibration": calibration,
         "finetune": {
+            "parallel": args.parallel,
+            "grad_checkpointing": args.grad_checkpointing,
+            "grad_accum": measured["grad_accum"],
+            "peak_memory_gib_by_rank": measured["peak_memory_gib_by_rank"],
+            "trainable_params": measured["trainable_params"],
             "lora_rank": args.lora_rank,
             "batch_per_gpu": args.batch_per_gpu,
             "global_batch": args.batch_per_gpu * here.size,

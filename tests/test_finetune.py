@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from staterank.data import read_documents
 from staterank.errors import DataError, StaterankError
-from staterank.loading import prepare_runtime
+from staterank.loading import load, prepare_runtime
 from staterank.tokenizer import train_tokenizer
 from staterank.training.lora import finetune, kd_loss
 
@@ -131,3 +131,15 @@ def test_bad_accumulation_and_sharding_options(student, tmp_path, extra, message
     with pytest.raises(StaterankError, match=message):
         finetune(student, "techdocs-val", tmp_path / "out", **{**QUICK, "batch_size": 4}, **extra)
     assert not (tmp_path / "out").exists()
+
+
+def test_sharding_a_loaded_model_runs_only_when_it_stops_early(student, tmp_path):
+    """A sharded run merges into a fresh copy read from the model's path, so a model given loaded is refused,
+    unless the run stops early (``stop_after``): then it writes its checkpoint and no model."""
+    loaded = load(student, device="cpu")
+    with pytest.raises(StaterankError, match="give its path"):
+        finetune(loaded, "techdocs-val", tmp_path / "refused", parallel="fsdp", steps=2, **QUICK)
+    summary = finetune(loaded, "techdocs-val", tmp_path / "stopped", parallel="fsdp", steps=2, stop_after=1, **QUICK)
+    assert summary["steps"] == 1 and not summary["finished"]
+    assert (tmp_path / "stopped" / "checkpoint" / "state.pt").is_file()
+    assert not (tmp_path / "stopped" / "model.safetensors").exists()

@@ -158,6 +158,8 @@ def train_loop(
                         checkpoint_files(tmp)
 
     # -- the loop ------------------------------------------------------------------------------
+    if device.type == "cuda":  # the run's own peak, not an earlier run's in this process
+        torch.cuda.reset_peak_memory_stats(device)
     model.train()
     end = steps if stop_after is None else min(steps, state.step + stop_after)
     shown = progress and distributed.is_main()

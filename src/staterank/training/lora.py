@@ -131,7 +131,9 @@ def finetune(
     micro_batch_size = micro_batch_for(opts, rows.stop - rows.start)
     if opts.device_map is not None and opts.parallel == "fsdp":
         raise StaterankError("--device-map spreads one copy of the model over the GPUs; it excludes --parallel fsdp")
-    if opts.parallel == "fsdp" and isinstance(model, LoadedModel):
+    if opts.parallel == "fsdp" and isinstance(model, LoadedModel) and (
+        opts.resume or opts.stop_after is None or opts.stop_after >= opts.steps
+    ):  # a run that stops early (stop_after) writes a checkpoint only, and needs no fresh copy
         raise StaterankError("--parallel fsdp merges the LoRA weights into a fresh copy of the model: give its path")
     teacher = opts.teacher
     # The run's options as the summary and the checkpoints record them (a resume must not change them).
