@@ -91,16 +91,21 @@ def main() -> int:
     args = parser.parse_args()
 
     here = distributed.world()
+    began = time.perf_counter()
+
+    def stage(what: str) -> None:  # where a long run's time went, as it goes
+        if distributed.is_main():
+            print(f"[{time.perf_counter() - began:7.1f} s] {what}", flush=True)
+
     device = torch.device(distributed.device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load(bundled_path("tiny-deltanet"), device="cpu").tokenizer
-    loaded = build(args.config, device, tokenizer)
-    distributed.check_same_model(loaded.model, str(args.config))
-    params = sum(p.numel() for p in loaded.model.parameters())
     sequences = load_sequences("techdocs", tokenizer, args.seq_len, max_tokens=args.calib_tokens)
-
     # -- calibration: a warm-up batch per rank, then the whole set ---------------------------------
     calibration = None
     if not args.finetune_only:
+        loaded = build(args.config, device, tokenizer)
+        distributed.check_same_model(loaded.model, str(args.config))
+        stage("model built")
         calibrate(loaded.adapter, sequences[: args.calib_batch * here.size], args.calib_batch, progress=False)
         synchronize(device)
         start = time.perf_counter()
@@ -113,9 +118,8 @@ def main() -> int:
             "seconds": calib_seconds,
             "tokens_per_s": sequences.numel() / calib_seconds,
         }
-        del stats
-    del loaded
-    free(device)
+        del stats, loaded
+        free(device)
 
     # -- LoRA fine-tuning: a warm-up run compiles forward and backward, a fresh run is measured ----
     work = Path(tempfile.mkdtemp(prefix="scaling-")) if here.rank == 0 else None
@@ -127,11 +131,16 @@ def main() -> int:
         "grad_checkpointing": args.grad_checkpointing, "grad_accum": args.grad_accum,
     }  # fmt: skip
     warm = build(args.config, device, tokenizer)
+    params = sum(p.numel() for p in warm.model.parameters())
+    stage("built for the warm-up run")
     finetune(warm, "techdocs", work / "warmup", stop_after=args.warmup_steps, **options)
+    stage("warm-up run done")
     del warm
     free(device)
     fresh = build(args.config, device, tokenizer)
+    stage("built again for the measured run")
     measured = finetune(fresh, "techdocs", work / "run", stop_after=args.steps, **options)
+    stage("measured run done")
     if distributed.is_main():
         shutil.rmtree(work, ignore_errors=True)
 
