@@ -117,6 +117,9 @@ COVERED_ELSEWHERE: dict[str, str] = {
     name: "tests/test_family_mamba2.py: Mamba-2 layers, states against the cache at every position; their pruning "
     "and graphed decoding are refused"
     for name in ("mamba2", "bamba", "nemotron_h", "granitemoehybrid")
+} | {
+    "rwkv7": "tests/test_family_rwkv7.py: the DPLR rule against fla's references, states against the cache at every "
+    "position, decoding; its pruning is refused"
 }
 
 

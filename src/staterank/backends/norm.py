@@ -107,3 +107,40 @@ def grouped_rms_norm_gated_forward(self: nn.Module, x: torch.Tensor, z: torch.Te
 
     return rms_norm_ref(x, self.weight, self.bias, z=z, eps=self.eps, group_size=self.group_size,
                         norm_before_gate=self.norm_before_gate)  # fmt: skip
+
+
+def layer_norm_forward(
+    self: nn.Module,
+    x: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """CPU version of ``fla.modules.LayerNorm.forward`` (RWKV's block norms with ``fuse_norm``)."""
+    h, residual_dtype = _add_residual(x, residual, residual_in_fp32)
+    weight = None if self.weight is None else self.weight.to(h.dtype)
+    bias = None if self.bias is None else self.bias.to(h.dtype)
+    y = F.layer_norm(h, h.shape[-1:], weight, bias, self.eps).to(x.dtype)
+    return (y, h.to(residual_dtype)) if prenorm else y
+
+
+def group_norm_forward(
+    self: nn.Module,
+    x: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    prenorm: bool = False,
+    residual_in_fp32: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """CPU version of ``fla.modules.GroupNorm.forward``: each of ``num_groups`` equal groups of the last dim
+    normalised alone (centred unless ``is_rms_norm``), then the per-channel weight and bias (RWKV-7's heads)."""
+    h, residual_dtype = _add_residual(x, residual, residual_in_fp32)
+    groups = h.unflatten(-1, (self.num_groups, -1))
+    if not self.is_rms_norm:
+        groups = groups - groups.mean(-1, keepdim=True)
+    y = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
+    if self.weight is not None:
+        y = y * self.weight.to(h.dtype)
+    if self.bias is not None:
+        y = y + self.bias.to(h.dtype)
+    y = y.to(x.dtype)
+    return (y, h.to(residual_dtype)) if prenorm else y

@@ -18,7 +18,19 @@ from typing import Any
 
 import torch
 
-from staterank.backends import activations, conv, delta_product, delta_rule, gla, in_place, kda, losses, norm, rotary
+from staterank.backends import (
+    activations,
+    conv,
+    delta_product,
+    delta_rule,
+    gla,
+    in_place,
+    kda,
+    losses,
+    norm,
+    rotary,
+    rwkv7,
+)
 
 # (owner: "module" or "module:Class", attribute, CPU implementation with the same signature)
 _PATCHES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
@@ -52,6 +64,21 @@ _PATCHES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     ('fla.layers.multiscale_retention', 'fused_recurrent_retention', gla.chunk_retention),
     ('fla.layers.multiscale_retention', 'parallel_retention', gla.parallel_retention),
     ('fla.modules.rotary.ops', 'rotary_embedding', rotary.rotary_embedding),
+    # RWKV-7 layer (fla rwkv7): the DPLR rule (chunk mode with grad or 64+ tokens, the fused step otherwise), its
+    # token shift, interpolations, key update, L2 norm and output correction; the feed-forward's token shift and
+    # squared ReLU; the block norms and the per-head GroupNorm with config.fuse_norm.
+    ('fla.layers.rwkv7', 'chunk_rwkv7', rwkv7.chunk_rwkv7),
+    ('fla.layers.rwkv7', 'fused_mul_recurrent_rwkv7', rwkv7.fused_mul_recurrent_rwkv7),
+    ('fla.layers.rwkv7', 'token_shift', rwkv7.token_shift),
+    ('fla.layers.rwkv7', 'fused_addcmul_rwkv7', rwkv7.fused_addcmul_rwkv7),
+    ('fla.layers.rwkv7', 'fused_k_rwkv7', rwkv7.fused_k_rwkv7),
+    ('fla.layers.rwkv7', 'l2_norm', rwkv7.l2_norm),
+    ('fla.layers.rwkv7', 'gate_output_correction', rwkv7.gate_output_correction),
+    ('fla.models.rwkv7.modeling_rwkv7', 'token_shift', rwkv7.token_shift),
+    ('fla.modules.activations.ops', 'sqrelu_fwd', rwkv7.squared_relu_forward),
+    ('fla.modules.activations.ops', 'sqrelu_bwd', rwkv7.squared_relu_backward),
+    ('fla.modules.norm.layernorm:LayerNorm', 'forward', norm.layer_norm_forward),
+    ('fla.modules.norm.layernorm:GroupNorm', 'forward', norm.group_norm_forward),
     # Gated DeltaNet fuses the q/k/v convolutions into one call when no cache is involved.
     ('fla.layers.gated_deltanet', 'causal_conv1d', conv.causal_conv1d),
     ('fla.modules.causal_conv1d.ops:ShortConvolution', 'forward', conv.short_convolution_forward),
@@ -88,7 +115,8 @@ _DELTA_RULE_ATTRIBUTES = frozenset(
         'chunk_delta_rule', 'fused_recurrent_delta_rule', 'chunk_gated_delta_rule', 'fused_recurrent_gated_delta_rule',
         'chunk_kda', 'fused_recurrent_kda', 'chunk_gated_delta_product', 'chunk_gla', 'fused_recurrent_gla',
         'chunk_linear_attn', 'fused_chunk_linear_attn', 'fused_recurrent_linear_attn', 'chunk_retention',
-        'fused_chunk_retention', 'fused_recurrent_retention', 'parallel_retention',
+        'fused_chunk_retention', 'fused_recurrent_retention', 'parallel_retention', 'chunk_rwkv7',
+        'fused_mul_recurrent_rwkv7',
     )
 )
 _torch_everywhere: frozenset[str] = frozenset()

@@ -50,6 +50,7 @@ from staterank.models import (  # noqa: E402, F401
     qwen3_5,
     qwen3_next,
     retnet,
+    rwkv7,
 )
 
 __all__ = [

@@ -95,6 +95,9 @@ class HeadFeatures:
     delta_rule: bool = True
     #: whether the rule L2-normalises q and k first (the delta-rule families do; GLA does not)
     qk_l2norm: bool = True
+    #: (a, b) [B, T, Hv, d_k]: the diagonal-plus-low-rank rule of RWKV-7 instead,
+    #: S_t = diag(exp(g_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T (beta unused; :mod:`staterank.backends.rwkv7`)
+    dplr: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_projections(
@@ -109,10 +112,13 @@ class HeadFeatures:
         log_decay: torch.Tensor | None,
         delta_rule: bool = True,
         qk_l2norm: bool = True,
+        dplr: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> HeadFeatures:
         """Features from q, k ``[B, T, Hk * d_k]`` and v ``[B, T, Hv * d_v]`` as the layer's projections give
         them, split into heads; ``[B, T * n, ...]`` for n delta steps per token (Gated DeltaProduct)."""
         batch = hidden.shape[0]
+        if dplr is not None:
+            dplr = tuple(x.reshape(batch, -1, shape.num_v_heads, shape.head_k_dim) for x in dplr)
         return cls(
             layer,
             hidden,
@@ -123,6 +129,7 @@ class HeadFeatures:
             log_decay,
             delta_rule,
             qk_l2norm,
+            dplr,
         )
 
 
@@ -144,6 +151,8 @@ class ModelAdapter(ABC):
     no_decay_suffixes: ClassVar[tuple[str, ...]] = ()
     #: model_type of the family's per-layer head-count configs (:mod:`staterank.models.varheads`); None: none
     per_layer_model_type: ClassVar[str | None] = None
+    #: keyword arguments of the mixer's call that :meth:`features` takes besides its input (RWKV-7's v_first)
+    tap_kwargs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -199,7 +208,8 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def features(self, layer: int, hidden: torch.Tensor) -> HeadFeatures:
-        """Compute the delta-rule inputs of ``layer`` from the mixer input ``hidden`` [B, T, hidden]."""
+        """Compute the delta-rule inputs of ``layer`` from the mixer input ``hidden`` [B, T, hidden] (and the
+        mixer call's keyword arguments named in :attr:`tap_kwargs`, if any)."""
 
     @contextmanager
     def tap(self, callback: FeatureCallback, layers: list[int] | None = None) -> Iterator[None]:
@@ -219,7 +229,7 @@ class ModelAdapter(ABC):
                 # accelerate moves a block's inputs to the block's device when the block is called, before its
                 # mixer runs; this guards against a device map that splits a block.
                 hidden = hidden.to(next(module.parameters()).device)
-                callback(self.features(layer, hidden))
+                callback(self.features(layer, hidden, **{name: kwargs.get(name) for name in self.tap_kwargs}))
 
             handles.append(mixer.register_forward_pre_hook(hook, with_kwargs=True))
         try:

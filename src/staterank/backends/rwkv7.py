@@ -1,0 +1,200 @@
+"""Pure-PyTorch RWKV-7 operations with fla's calling conventions (``fla.layers.rwkv7``, ``fla.models.rwkv7``).
+
+RWKV-7's state follows the diagonal-plus-low-rank (DPLR) rule of fla's generalised delta rule. Per head, with the
+state key-first (``[d_k, d_v]``), a per-key-channel log decay ``w_t <= 0`` and two vectors ``a_t``, ``b_t``::
+
+    S_t = diag(exp(w_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T          o_t = S_t^T (scale r_t)
+
+(the low-rank term reads the state before the decay, as fla's kernels do). The RWKV-7 layer passes
+``a = -kk`` and ``b = kk * a_gate``, ``kk`` the L2-normalised key, so the update is the delta rule's removal
+along ``kk`` with a per-channel strength and a per-channel decay, and a write ``k v^T`` whose key differs from
+the removal's.
+
+The element-wise pieces (token shift, the six interpolations, the key update, the output correction) are small;
+where fla ships a PyTorch reference with the kernel's signature, the CPU route is that reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def token_shift(
+    x: torch.Tensor,
+    cu_seqlens: torch.LongTensor | None = None,
+    cache: torch.Tensor | None = None,
+    output_cache: bool = False,
+    chunk_indices: torch.LongTensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+    """``fla.modules.token_shift.token_shift``: ``x_{t-1} - x_t`` over ``[B, T, D]``, the token before each
+    sequence's first taken from ``cache`` ``[N, D]`` (zeros without one); the cache out is each sequence's last
+    token ``[N, D]``. With ``cu_seqlens`` (``B = 1``) every packed sequence starts afresh."""
+    batch, _, width = x.shape
+    if cu_seqlens is None:
+        first = x.new_zeros(batch, 1, width) if cache is None else cache.reshape(batch, 1, width).to(x.dtype)
+        previous = torch.cat([first, x[:, :-1]], dim=1)
+        last = x[:, -1]
+    else:
+        bounds = cu_seqlens.tolist()
+        pieces = []
+        for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            first = x.new_zeros(1, width) if cache is None else cache[i : i + 1].to(x.dtype)
+            pieces.append(torch.cat([first, x[0, start : end - 1]], dim=0)[: end - start])
+        previous = torch.cat(pieces, dim=0).unsqueeze(0)
+        last = x[0, [end - 1 for end in bounds[1:]]]
+    delta = previous - x
+    return (delta, last) if output_cache else delta
+
+
+def dplr_recurrence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    log_decay: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The DPLR rule above, token by token in float32: q, k, a, b, log_decay ``[B, T, H, d_k]``, v ``[B, T, H,
+    d_v]``, initial state ``[N, H, d_k, d_v]``. Returns the outputs ``[B, T, H, d_v]`` (v's dtype) and the final
+    states ``[N, H, d_k, d_v]`` (float32) if asked. ``cu_seqlens`` packs ``N`` sequences into ``B = 1``."""
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        outputs, finals = [], []
+        for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            part = (x[:, start:end] for x in (q, k, v, a, b, log_decay))
+            state = None if initial_state is None else initial_state[i : i + 1]
+            o, final = dplr_recurrence(*part, scale=scale, initial_state=state, output_final_state=True)
+            outputs.append(o)
+            finals.append(final)
+        return torch.cat(outputs, dim=1), torch.cat(finals) if output_final_state else None
+    batch, seq, heads, d_k = k.shape
+    dtype = v.dtype
+    q, k, v, a, b, log_decay = (x.float() for x in (q, k, v, a, b, log_decay))
+    decay = log_decay.exp()
+    state = q.new_zeros(batch, heads, d_k, v.shape[-1]) if initial_state is None else initial_state.float()
+    outputs = []
+    for t in range(seq):
+        removed = (a[:, t, :, :, None] * state).sum(-2, keepdim=True)  # a^T S: [B, H, 1, d_v]
+        state = decay[:, t, :, :, None] * state + b[:, t, :, :, None] * removed + k[:, t, :, :, None] * v[:, t, :, None]
+        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, state))
+    return torch.stack(outputs, dim=1).to(dtype), state if output_final_state else None
+
+
+def dplr_states(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    log_decay: torch.Tensor,
+    positions: Sequence[int],
+) -> torch.Tensor:
+    """The DPLR states after each of ``positions`` tokens (counts, sorted, in ``[1, T]``): ``[P, B, H, d_k, d_v]``,
+    in the inputs' dtype (no outputs are computed)."""
+    batch, _, heads, d_k = k.shape
+    state = k.new_zeros(batch, heads, d_k, v.shape[-1])
+    decay = log_decay.exp()
+    wanted, states = set(positions), []
+    for t in range(positions[-1]):
+        removed = (a[:, t, :, :, None] * state).sum(-2, keepdim=True)
+        state = decay[:, t, :, :, None] * state + b[:, t, :, :, None] * removed + k[:, t, :, :, None] * v[:, t, :, None]
+        if t + 1 in wanted:
+            states.append(state)
+    return torch.stack(states)
+
+
+def chunk_rwkv7(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    **kernel_options,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fla.ops.rwkv7.chunk_rwkv7`` (``w`` the log decay); ``cu_seqlens_cpu``, ``safe_gate``, ``chunk_size``,
+    ``lower_bound`` and the like tune fla's kernel only."""
+    return dplr_recurrence(r, k, v, a, b, w, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def fused_recurrent_rwkv7(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = True,
+    cu_seqlens: torch.LongTensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fla.ops.rwkv7.fused_recurrent_rwkv7`` (``scale`` defaults to ``d_k ** -0.5``)."""
+    scale = r.shape[-1] ** -0.5 if scale is None else scale
+    return dplr_recurrence(r, k, v, a, b, w, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def fused_mul_recurrent_rwkv7(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kk: torch.Tensor,
+    a: torch.Tensor,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``fla.ops.rwkv7.fused_mul_recurrent_rwkv7``: the rule with ``a = -kk`` and ``b = kk * a``."""
+    if reverse:
+        raise NotImplementedError("staterank's RWKV-7 recurrence runs forward in time only")
+    return dplr_recurrence(r, k, v, -kk, kk * a, w, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def fused_addcmul_rwkv7(hidden_states, delta, xr, xw, xk, xv, xa, xg=None):
+    """``fla.ops.rwkv7.fused_addcmul_rwkv7``: ``hidden + delta * x_*`` for r, w, k, v, a (and g): fla's reference."""
+    from fla.ops.rwkv7.fused_addcmul import torch_addcmul_rwkv7
+
+    return torch_addcmul_rwkv7(hidden_states, delta, xr, xw, xk, xv, xa, xg)
+
+
+def fused_k_rwkv7(k, a, ka, cu_seqlens=None, cu_seqlens_cpu=None):
+    """``fla.ops.rwkv7.fused_k_rwkv7``: ``k + k (a - 1) k_a``, fla's reference (element-wise: no sequences)."""
+    from fla.ops.rwkv7.fused_k_update import k_update_ref
+
+    return k_update_ref(k, a, ka)
+
+
+def gate_output_correction(o, r, k, r_k, v, g):
+    """``fla.ops.rwkv7.gate_output_correction``: ``(o + (r k r_k summed per head) v) g``, fla's reference."""
+    from fla.ops.rwkv7.gate_output_correction import gate_output_correction_ref
+
+    return gate_output_correction_ref(o, r, k, r_k, v, g)
+
+
+def l2_norm(x: torch.Tensor, eps: float = 1e-6, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``fla.modules.l2norm.l2_norm``: ``x / sqrt(sum(x^2) + eps)`` over the last dim, in float32."""
+    y = x.float() * torch.rsqrt(x.float().square().sum(-1, keepdim=True) + eps)
+    return y.to(output_dtype or x.dtype)
+
+
+def squared_relu_forward(x: torch.Tensor) -> torch.Tensor:
+    """``fla.modules.activations.sqrelu_fwd``: ``relu(x)^2`` in float32 (fla's is ``torch.compile``'d)."""
+    return F.relu(x.float()).square().to(x.dtype)
+
+
+def squared_relu_backward(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``fla.modules.activations.sqrelu_bwd``: ``2 g relu(x)``."""
+    return (2.0 * g * F.relu(x.float())).to(x.dtype)
