@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as transformers_logging
 
-from staterank import api, pipelines
+from staterank import api, pipelines, plots
 from staterank.backends.patch import TORCH_KERNEL_CHOICES
 from staterank.errors import StaterankError
 from staterank.io import atomic_file, check_output, write_json
@@ -62,6 +62,11 @@ from staterank.training.pretrain import read_config, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODELS = {"deltanet": "reproduce-deltanet.json", "gated-deltanet": "reproduce-gated-deltanet.json"}
+#: The architectures of the stratification study (``--models`` takes them too): other state rules, same budget.
+STUDY_MODELS = {"kda": "study-kda.json", "rwkv7": "study-rwkv7.json", "mamba2": "study-mamba2.json"}
+ALL_MODELS = {**MODELS, **STUDY_MODELS}
+#: Every analysed model's heads by final effective rank / capacity and group, side by side (OUT/...).
+STRATIFICATION_PLOT = "stratification.png"
 #: Evaluation corpora and the row key of their perplexity.
 CORPORA = {"techdocs-val": "ppl_techdocs_val", "wikitext-test": "ppl_wikitext2"}
 #: Every registered criterion by default, JRNP before its ablations.
@@ -78,6 +83,10 @@ SMOKE_MODEL = {
         "head_dim": 16,
         "intermediate_size": 128,
     },
+    "kda": {"hidden_size": 64, "num_hidden_layers": 2, "num_heads": 4, "head_dim": 16, "intermediate_size": 128},
+    "rwkv7": {"hidden_size": 64, "num_hidden_layers": 2, "head_dim": 16, "intermediate_size": 128,
+              "decay_low_rank_dim": 16, "gate_low_rank_dim": 16, "a_low_rank_dim": 16, "v_low_rank_dim": 16},
+    "mamba2": {"hidden_size": 64, "num_hidden_layers": 2, "head_dim": 16, "state_size": 16, "chunk_size": 32},
 }
 SMOKE_TRAIN = {"batch_size": 4, "seq_len": 64, "lr": 1e-2, "warmup_steps": 2, "val_tokens": 2048}
 SMOKE_DEFAULTS = {
@@ -109,7 +118,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="run directory (results.json, results.md, models, analysis)")
     parser.add_argument("--overwrite", action="store_true", help="reuse an existing run directory")
     parser.add_argument("--smoke", action="store_true", help="tiny models, few steps and tokens: CPU, seconds")
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=list(ALL_MODELS), default=list(MODELS))
+    parser.add_argument(
+        "--stratification-study",
+        action="store_true",
+        help="train and analyse only, no pruning or recovery (with --models of several architectures: the study "
+        "of state-rank stratification across state rules; fix the budget with --train-steps)",
+    )
     parser.add_argument(
         "--train-data", default="techdocs", help="training corpus (data spec; default: the shipped excerpt)"
     )
@@ -161,6 +176,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.set_defaults(**SMOKE_DEFAULTS)
         args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.stratification_study:
+        args.channel_methods, args.head_methods, args.recover_methods = [], [], []
     return args
 
 
@@ -170,6 +187,7 @@ class Run:
     def __init__(self, args: argparse.Namespace, argv: list[str]) -> None:
         self.out = Path(args.out)
         self.started = time.perf_counter()
+        self.ranks: dict[str, dict] = {}  # each analysed model's rank.json, for the stratification plot
         self.results: dict = {
             "complete": False,
             "command": "python benchmarks/reproduce.py " + " ".join(argv),
@@ -240,11 +258,11 @@ def set_kernels(choice: str) -> None:
 
 def write_config(name: str, args: argparse.Namespace) -> Path:
     """The run's copy of a model's config (the smoke sizes applied), in OUT/configs."""
-    fields, section = read_config(CONFIGS / MODELS[name])
+    fields, section = read_config(CONFIGS / ALL_MODELS[name])
     if args.smoke:
         fields.update(SMOKE_MODEL[name])
         section.update(SMOKE_TRAIN)
-    path = Path(args.out) / "configs" / MODELS[name]
+    path = Path(args.out) / "configs" / ALL_MODELS[name]
     write_json(path, {**fields, "train": section})
     return path
 
@@ -393,8 +411,12 @@ def analyze_model(run: Run, name: str, trained: Path, args: argparse.Namespace) 
         "across_domains_spearman": ranks["stability"].get("across_domains_spearman"),
         "final_effective_rank": [head["effective_rank"][-1] for layer in ranks["layers"] for head in layer["heads"]],
         "capacity": [min(layer["head_k_dim"], layer["head_v_dim"]) for layer in ranks["layers"]],
+        "heads": sum(len(layer["heads"]) for layer in ranks["layers"]),
+        "state_shape": sorted({(layer["head_k_dim"], layer["head_v_dim"]) for layer in ranks["layers"]}),
         "seconds": ranks["seconds"],
     }
+    run.ranks[name] = ranks
+    plots.stratification_by_model(run.ranks, run.out / STRATIFICATION_PLOT)
     run.log(
         f"{name}: {strata['low']} low / {strata['high']} high heads, "
         f"Spearman across domains {ranks['stability'].get('across_domains_spearman')}"
@@ -468,6 +490,10 @@ def run_model(run: Run, name: str, args: argparse.Namespace) -> None:
 # -- Markdown ----------------------------------------------------------------------------------------------------
 
 
+def _shapes(analysis: dict) -> str:
+    return ", ".join(f"{k} × {v}" for k, v in analysis.get("state_shape", []))
+
+
 def markdown(results: dict) -> str:
     """results.md: the run's header, then one table per part of the study, then every row and the stage times."""
     options, rows = results["options"], results["rows"]
@@ -500,6 +526,7 @@ def markdown(results: dict) -> str:
         parts.append("## State-rank stratification\n")
         header = [
             "model",
+            "heads (d_k × d_v)",
             "low / high heads",
             "gap",
             "groups fixed by token",
@@ -509,6 +536,7 @@ def markdown(results: dict) -> str:
         table = [
             [
                 name,
+                f"{a.get('heads', a['low'] + a['high'])} ({_shapes(a)})",
                 f"{a['low']} / {a['high']}",
                 f"{a['gap']:.3f}",
                 str(a["decided_at_position"]["max"]),
@@ -518,6 +546,7 @@ def markdown(results: dict) -> str:
             for name, a in results["analysis"].items()
         ]
         parts.append(_table(header, table))
+        parts.append(f"![every head's final effective rank / capacity, by model and group]({STRATIFICATION_PLOT})\n")
     parts.append(_pivot(rows, "channels", "Q/K channel pruning", options["channel_ratios"]))
     parts.append(_pivot(rows, "heads", "Head pruning", options["head_ratios"]))
     recovered = {(r["model"], r["method"], r["ratio"]) for r in rows if r["kind"] == "recovery"}

@@ -163,3 +163,38 @@ def test_markdown_tables_hold_the_rows(run):
     recovery = [r for r in results["rows"] if r["kind"] == "recovery"]
     for row in recovery:
         assert any(line.startswith(f"| {row['model']} | {row['method']} | {row['stage']} |") for line in lines)
+
+
+STUDY_MODELS = ("deltanet", "gated-deltanet", "kda", "rwkv7", "mamba2")
+
+
+@pytest.fixture(scope="module")
+def stratification_study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "run"
+    argv = [sys.executable, str(SCRIPT), "--smoke", "--stratification-study", "--train-steps", "6", "--models",
+            *STUDY_MODELS, "--out", str(out)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_the_stratification_study_trains_and_analyses_every_architecture_alike(stratification_study):
+    """Five state rules, the same data and tokens, analysed alike: every head of every model is in its group by
+    the split's threshold on its final effective rank over its capacity, and the plot is written."""
+    out, results = stratification_study
+    assert list(results["analysis"]) == list(STUDY_MODELS)
+    assert {results["training"][m]["tokens_seen"] for m in STUDY_MODELS} == {6 * 4 * 64}  # the same budget
+    assert all(row["kind"] == "none" for row in results["rows"])  # no pruning, no recovery
+    for model in STUDY_MODELS:
+        analysis = results["analysis"][model]
+        ranks = json.loads((out / analysis["rank_json"]).read_text())
+        loaded = api.load_model(out / "models" / model, device="cpu")
+        assert analysis["heads"] == sum(s.num_v_heads for s in loaded.adapter.shapes())
+        threshold = ranks["stratification"]["threshold"]
+        for layer in ranks["layers"]:
+            capacity = min(layer["head_k_dim"], layer["head_v_dim"])
+            for head in layer["heads"]:
+                high = head["effective_rank"][-1] / capacity > threshold
+                assert head["group"] == ("high" if high else "low"), (model, layer["layer"], head)
+    assert (out / "stratification.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![every head's final effective rank" in (out / "results.md").read_text()

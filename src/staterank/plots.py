@@ -340,3 +340,32 @@ def analysis_plots(
             groups = None
         paths.append(cross_domain_scatter(domain_ranks, spearman, out_dir / CROSS_DOMAIN, groups=groups))
     return paths
+
+
+def stratification_by_model(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLike) -> Path:
+    """One panel per model (``results``: name -> its ``rank.json``): every head's final effective rank as a fraction
+    of its capacity min(d_k, d_v), sorted, coloured by the head's group, with the split's threshold; the panels
+    share the axis, so the architectures' separations read side by side."""
+    if not results:
+        raise ValueError("no models to plot")
+    fig = Figure(figsize=(2.6 * len(results) + 0.8, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(results), sharey=True, squeeze=False).ravel()
+    for ax, (name, result) in zip(axes, results.items(), strict=True):
+        heads = sorted(
+            ((_final(head, "effective_rank") / _state_dim(layer), head.get("group")) for layer, head in _heads(result)),
+            key=lambda x: x[0],
+        )
+        values = np.array([v for v, _ in heads])
+        ax.bar(np.arange(len(values)), values, width=1.0, color=[_group_colour(g) for _, g in heads])
+        strata = result["stratification"]
+        if math.isfinite(strata["threshold"]):
+            ax.axhline(strata["threshold"], color="black", ls="--", lw=1)
+        ax.set_title(f"{name}\n{strata['low']} low / {strata['high']} high, gap {strata['gap']:.3f}", fontsize=9)
+        ax.set_xlabel("heads, sorted")
+        ax.set_xticks([])
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].set_ylabel("final effective rank / capacity")
+    axes[0].set_ylim(0, 1.02)
+    legend = [Patch(color=colour, label=f"{group}-rank group") for group, colour in GROUP_COLOURS.items()]
+    fig.legend(handles=legend, loc="outside lower center", ncols=2, fontsize=8)
+    return _save(fig, path)

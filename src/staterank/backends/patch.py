@@ -115,8 +115,7 @@ _DELTA_RULE_ATTRIBUTES = frozenset(
         'chunk_delta_rule', 'fused_recurrent_delta_rule', 'chunk_gated_delta_rule', 'fused_recurrent_gated_delta_rule',
         'chunk_kda', 'fused_recurrent_kda', 'chunk_gated_delta_product', 'chunk_gla', 'fused_recurrent_gla',
         'chunk_linear_attn', 'fused_chunk_linear_attn', 'fused_recurrent_linear_attn', 'chunk_retention',
-        'fused_chunk_retention', 'fused_recurrent_retention', 'parallel_retention', 'chunk_rwkv7',
-        'fused_mul_recurrent_rwkv7',
+        'fused_chunk_retention', 'fused_recurrent_retention', 'parallel_retention',
     )
 )
 _torch_everywhere: frozenset[str] = frozenset()
