@@ -28,6 +28,11 @@ time budget holds whichever is chosen.
 
     python benchmarks/reproduce.py --train-data techdocs-train.jsonl.xz --out runs/reproduce   # one GPU, ~8 min
     python benchmarks/reproduce.py --smoke --out /tmp/reproduce-smoke                         # CPU, seconds
+
+``--stratification-study`` trains and analyses only, no pruning or recovery: with ``--models deltanet
+gated-deltanet kda rwkv7 mamba2`` (``configs/study-*.json`` for the last three, about 29M parameters each) and a
+fixed ``--train-steps`` (the same tokens for every architecture) it asks whether state-rank stratification
+persists under other state rules, and draws every model's heads side by side (``OUT/stratification.png``).
 """
 
 from __future__ import annotations
