@@ -39,9 +39,11 @@ def ids(batch: int = 2, seq: int = 30, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def test_dplr_recurrence_equals_flas_naive_reference_and_packs_sequences(one_thread):
-    """fla's ``dplr_recurrence`` (heads first, q scaled by d_k^-1/2) against staterank's, with an initial state;
-    packed sequences (cu_seqlens) give what each gives alone."""
+@pytest.mark.parametrize("chunk", [4, 32])
+def test_dplr_recurrence_equals_flas_naive_reference_and_packs_sequences(chunk, one_thread):
+    """fla's token-by-token ``dplr_recurrence`` (heads first, q scaled by d_k^-1/2) against staterank's two-level
+    scan (in chunks of 4, with a padded last chunk, and in one chunk), with an initial state; the states at chosen
+    positions against fla's final states of those prefixes; packed sequences give what each gives alone."""
     from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
 
     g = torch.Generator().manual_seed(0)
@@ -54,14 +56,19 @@ def test_dplr_recurrence_equals_flas_naive_reference_and_packs_sequences(one_thr
     initial = torch.randn(batch, heads, d_k, d_v, generator=g)
     first = lambda x: x.transpose(1, 2)  # noqa: E731
     expected_o, expected_state = dplr_recurrence(*map(first, (q, k, v, a, b, log_decay)), initial_state=initial)
-    o, state = ops.dplr_recurrence(q, k, v, a, b, log_decay, d_k**-0.5, initial, output_final_state=True)
+    o, state = ops.dplr_recurrence(q, k, v, a, b, log_decay, d_k**-0.5, initial, output_final_state=True, chunk=chunk)
     torch.testing.assert_close(o, first(expected_o), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state, expected_state, rtol=1e-4, atol=1e-5)
+    positions = [1, 4, 5, 13]
+    states = ops.dplr_states(k, v, a, b, log_decay, positions, chunk=chunk)
+    for t, state in zip(positions, states, strict=True):
+        _, expected = dplr_recurrence(*(first(x[:, :t]) for x in (q, k, v, a, b, log_decay)))
+        torch.testing.assert_close(state, expected, rtol=1e-4, atol=1e-5)
 
     packed = [x.reshape(1, batch * seq, *x.shape[2:]) for x in (q, k, v, a, b, log_decay)]
     cu_seqlens = torch.tensor([0, seq, 2 * seq])
-    o_packed, state_packed = ops.dplr_recurrence(*packed, 0.5, initial, True, cu_seqlens)
-    o_alone, state_alone = ops.dplr_recurrence(q, k, v, a, b, log_decay, 0.5, initial, True)
+    o_packed, state_packed = ops.dplr_recurrence(*packed, 0.5, initial, True, cu_seqlens, chunk=chunk)
+    o_alone, state_alone = ops.dplr_recurrence(q, k, v, a, b, log_decay, 0.5, initial, True, chunk=chunk)
     torch.testing.assert_close(o_packed.reshape(o_alone.shape), o_alone)
     torch.testing.assert_close(state_packed, state_alone)
 
@@ -108,11 +115,11 @@ def test_states_at_every_position_are_the_cached_states_of_that_prefix(fuse_norm
     model = build(fuse_norm)
     adapter = adapter_for(model)
     assert [(s.num_k_heads, s.num_v_heads, s.head_k_dim, s.head_v_dim) for s in adapter.shapes()] == [(4, 4, 8, 8)] * 2
-    tokens = ids()
+    tokens = ids(seq=70)  # three chunks of the scan, the last one padded; fla's layer takes its chunk mode at 64+
     features = {}
     with torch.no_grad(), adapter.tap(lambda f: features.__setitem__(f.layer, f)):
         model(input_ids=tokens)
-    positions = [1, 9, 30]
+    positions = [1, 9, 32, 33, 70]
     for layer, f in features.items():
         states = states_at(f, positions, dtype=torch.float64)
         for state, t in zip(states, positions, strict=True):

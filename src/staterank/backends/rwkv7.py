@@ -49,6 +49,50 @@ def token_shift(
     return (delta, last) if output_cache else delta
 
 
+#: tokens per chunk of :func:`dplr_recurrence`'s two-level scan (about the square root of typical lengths)
+CHUNK = 32
+
+
+def _chunked(x: torch.Tensor, chunk: int, fill: float) -> torch.Tensor:
+    """``[B, T, H, D]`` -> ``[B, H, N, C, D]``, T padded to ``N * C`` with ``fill``."""
+    pad = -x.shape[1] % chunk
+    x = F.pad(x, (0, 0, 0, 0, 0, pad), value=fill) if pad else x
+    return x.unflatten(1, (-1, chunk)).permute(0, 3, 1, 2, 4)
+
+
+def _transitions(r, k, v, a, b, decay, chunk: int):
+    """Every chunk's transition from its initial state, in parallel over chunks: ``S_t = P_t S_0 + U_t`` with
+    ``P_t = A_t ... A_1`` (``A_t = diag(d_t) + b_t a_t^T``) and ``U_t`` the chunk's own writes. Returns, per chunk,
+    ``P`` and ``U`` at its end ``[B, H, N, d_k, d_k | d_v]``, and per token ``P_t^T r_t`` and ``U_t^T r_t``
+    ``[B, H, N, C, d_k | d_v]``. Padding tokens are identity steps (decay 1, no removal, no write)."""
+    r = None if r is None else _chunked(r, chunk, 0.0)
+    k, a, b = (_chunked(x, chunk, 0.0) for x in (k, a, b))
+    v, decay = _chunked(v, chunk, 0.0), _chunked(decay, chunk, 1.0)
+    d_k, d_v = k.shape[-1], v.shape[-1]
+    P = torch.eye(d_k, dtype=k.dtype, device=k.device).expand(*k.shape[:3], d_k, d_k)
+    U = k.new_zeros(*k.shape[:3], d_k, d_v)
+    read_start, read_local = [], []
+    for j in range(chunk):
+        d, a_j, b_j = decay[..., j, :, None], a[..., j, None, :], b[..., j, :, None]
+        P = d * P + b_j * (a_j @ P)
+        U = d * U + b_j * (a_j @ U) + k[..., j, :, None] * v[..., j, None, :]
+        if r is not None:
+            read_start.append((r[..., j, None, :] @ P).squeeze(-2))  # (P^T r)^T
+            read_local.append((r[..., j, None, :] @ U).squeeze(-2))
+    if r is None:
+        return P, U, None, None
+    return P, U, torch.stack(read_start, -2), torch.stack(read_local, -2)
+
+
+def _chunk_starts(P: torch.Tensor, U: torch.Tensor, state: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The state before each chunk, one chunk after another from ``state``, and the state after the last."""
+    starts = []
+    for n in range(P.shape[2]):
+        starts.append(state)
+        state = P[:, :, n] @ state + U[:, :, n]
+    return starts, state
+
+
 def dplr_recurrence(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,31 +104,36 @@ def dplr_recurrence(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.LongTensor | None = None,
+    chunk: int = CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The DPLR rule above, token by token in float32: q, k, a, b, log_decay ``[B, T, H, d_k]``, v ``[B, T, H,
-    d_v]``, initial state ``[N, H, d_k, d_v]``. Returns the outputs ``[B, T, H, d_v]`` (v's dtype) and the final
-    states ``[N, H, d_k, d_v]`` (float32) if asked. ``cu_seqlens`` packs ``N`` sequences into ``B = 1``."""
+    """The DPLR rule above in float32: q, k, a, b, log_decay ``[B, T, H, d_k]``, v ``[B, T, H, d_v]``, initial state
+    ``[N, H, d_k, d_v]``. Returns the outputs ``[B, T, H, d_v]`` (v's dtype) and the final states ``[N, H, d_k,
+    d_v]`` (float32) if asked. ``cu_seqlens`` packs ``N`` sequences into ``B = 1``.
+
+    A two-level scan, exact (no division by decays): every chunk of ``chunk`` tokens computes its transition and
+    its own writes from a zero state in parallel with the others (``chunk`` steps), then the chunks' initial
+    states follow one after another (``T / chunk`` steps), and each token's output adds what it reads of its
+    chunk's initial state."""
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         outputs, finals = [], []
         for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
             part = (x[:, start:end] for x in (q, k, v, a, b, log_decay))
             state = None if initial_state is None else initial_state[i : i + 1]
-            o, final = dplr_recurrence(*part, scale=scale, initial_state=state, output_final_state=True)
+            o, final = dplr_recurrence(*part, scale=scale, initial_state=state, output_final_state=True, chunk=chunk)
             outputs.append(o)
             finals.append(final)
         return torch.cat(outputs, dim=1), torch.cat(finals) if output_final_state else None
     batch, seq, heads, d_k = k.shape
     dtype = v.dtype
     q, k, v, a, b, log_decay = (x.float() for x in (q, k, v, a, b, log_decay))
-    decay = log_decay.exp()
+    chunk = max(1, min(chunk, seq))
+    P, U, read_start, read_local = _transitions(q * scale, k, v, a, b, log_decay.exp(), chunk)
     state = q.new_zeros(batch, heads, d_k, v.shape[-1]) if initial_state is None else initial_state.float()
-    outputs = []
-    for t in range(seq):
-        removed = (a[:, t, :, :, None] * state).sum(-2, keepdim=True)  # a^T S: [B, H, 1, d_v]
-        state = decay[:, t, :, :, None] * state + b[:, t, :, :, None] * removed + k[:, t, :, :, None] * v[:, t, :, None]
-        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, state))
-    return torch.stack(outputs, dim=1).to(dtype), state if output_final_state else None
+    starts, state = _chunk_starts(P, U, state)
+    o = read_local + read_start @ torch.stack(starts, 2)  # [B, H, N, C, d_v]
+    o = o.permute(0, 2, 3, 1, 4).flatten(1, 2)[:, :seq]
+    return o.to(dtype), state if output_final_state else None
 
 
 def dplr_states(
@@ -94,18 +143,25 @@ def dplr_states(
     b: torch.Tensor,
     log_decay: torch.Tensor,
     positions: Sequence[int],
+    chunk: int = CHUNK,
 ) -> torch.Tensor:
     """The DPLR states after each of ``positions`` tokens (counts, sorted, in ``[1, T]``): ``[P, B, H, d_k, d_v]``,
-    in the inputs' dtype (no outputs are computed)."""
-    batch, _, heads, d_k = k.shape
-    state = k.new_zeros(batch, heads, d_k, v.shape[-1])
+    in the inputs' dtype, no outputs computed: the chunks' initial states as in :func:`dplr_recurrence`, then each
+    position's remaining tokens of its chunk one by one."""
+    batch, seq, heads, d_k = k.shape
+    chunk = max(1, min(chunk, seq))
     decay = log_decay.exp()
-    wanted, states = set(positions), []
-    for t in range(positions[-1]):
-        removed = (a[:, t, :, :, None] * state).sum(-2, keepdim=True)
-        state = decay[:, t, :, :, None] * state + b[:, t, :, :, None] * removed + k[:, t, :, :, None] * v[:, t, :, None]
-        if t + 1 in wanted:
-            states.append(state)
+    P, U, _, _ = _transitions(None, k, v, a, b, decay, chunk)
+    starts, final = _chunk_starts(P, U, k.new_zeros(batch, heads, d_k, v.shape[-1]))
+    starts.append(final)
+    states = []
+    for t in positions:
+        state = starts[t // chunk]
+        for s in range(t // chunk * chunk, t):
+            removed = (a[:, s, :, :, None] * state).sum(-2, keepdim=True)  # a^T S
+            written = k[:, s, :, :, None] * v[:, s, :, None]
+            state = decay[:, s, :, :, None] * state + b[:, s, :, :, None] * removed + written
+        states.append(state)
     return torch.stack(states)
 
 
