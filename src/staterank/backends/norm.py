@@ -26,11 +26,15 @@ def _add_residual(
 
 
 def _rms_normalize(h: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    y = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)
+    return _affine(h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps), weight, bias)
+
+
+def _affine(y: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """``y * weight + bias`` per channel of the last dim, each if given, in ``y``'s dtype."""
     if weight is not None:
-        y = y * weight.to(h.dtype)
+        y = y * weight.to(y.dtype)
     if bias is not None:
-        y = y + bias.to(h.dtype)
+        y = y + bias.to(y.dtype)
     return y
 
 
@@ -137,10 +141,6 @@ def group_norm_forward(
     groups = h.unflatten(-1, (self.num_groups, -1))
     if not self.is_rms_norm:
         groups = groups - groups.mean(-1, keepdim=True)
-    y = (groups * torch.rsqrt(groups.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
-    if self.weight is not None:
-        y = y * self.weight.to(h.dtype)
-    if self.bias is not None:
-        y = y + self.bias.to(h.dtype)
-    y = y.to(x.dtype)
+    y = _rms_normalize(groups, None, None, self.eps).flatten(-2)
+    y = _affine(y, self.weight, self.bias).to(x.dtype)
     return (y, h.to(residual_dtype)) if prenorm else y
