@@ -39,11 +39,12 @@ def ids(batch: int = 2, seq: int = 30, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("chunk", [4, 32])
+@pytest.mark.parametrize("chunk", [1, 4, 32])
 def test_dplr_recurrence_equals_flas_naive_reference_and_packs_sequences(chunk, one_thread):
-    """fla's token-by-token ``dplr_recurrence`` (heads first, q scaled by d_k^-1/2) against staterank's two-level
-    scan (in chunks of 4, with a padded last chunk, and in one chunk), with an initial state; the states at chosen
-    positions against fla's final states of those prefixes; packed sequences give what each gives alone."""
+    """fla's token-by-token ``dplr_recurrence`` (heads first, q scaled by d_k^-1/2) against staterank's, token by
+    token and as a two-level scan (in chunks of 4, with a padded last chunk, and in one chunk), with an initial
+    state; the states at chosen positions against fla's final states of those prefixes; packed sequences give
+    what each gives alone."""
     from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
 
     g = torch.Generator().manual_seed(0)
