@@ -122,7 +122,7 @@ def dplr_recurrence(
     and each token's output adds what it reads of its chunk's initial state. It takes about ``2 sqrt(T)`` steps of
     small kernels instead of ``T`` but three times the arithmetic (the chunks' ``d_k x d_k`` transitions), so on a
     CPU, where the arithmetic counts and a launch costs little, the default is token by token: at B 8, T 512,
-    8 heads of 64 x 64 on 2 cores, 0.31 s against 1.23 s."""
+    8 heads of 64 x 64 on one CPU thread, 0.33 s against 1.59 s."""
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         outputs, finals = [], []
