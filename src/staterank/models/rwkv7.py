@@ -18,7 +18,10 @@ What works and what is refused:
 - ``info``, ``analyze``, ``finetune`` (LoRA on r, k, v), ``evaluate`` and ``bench``.
 - q/k channel pruning and head pruning are refused: fla's ``RWKV7Attention`` builds ``key_dim = hidden_size``
   and ``num_heads = hidden_size / head_dim`` whatever the config says, so a model with fewer key channels or
-  heads has no stock config; and the per-head L2 norm of ``kk`` spans all of a head's channels.
+  heads has no stock config. A model type of staterank's own (as for Kimi Linear's narrower keys) would not be
+  enough for heads either: every later layer interpolates its values towards the first layer's head by head, so
+  the heads of all layers are tied to layer 0's; and the per-head L2 norm of ``kk`` spans all of a head's
+  channels, so a channel cut changes the kept channels too.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class RWKV7Adapter(FlaAdapter):
     )
     head_pruning_refusal = (
         "fla's RWKV7Attention builds hidden_size / head_dim heads whatever the config says, so a model with fewer "
-        "heads has no stock config"
+        "heads has no stock config (and every later layer mixes the first layer's values in, head by head)"
     )
 
     def layer_shape(self, layer: int) -> LayerShape:
