@@ -98,6 +98,30 @@ def test_decode_bound_counts_weights_once_and_state_twice():
         assert decode_bytes_per_step(model, 1000, 3) == all_bytes - unread + 2 * 3 * 1000
 
 
+def test_the_routed_estimate_counts_the_experts_a_batch_reads():
+    """Qwen3-Next with 8 experts of which 2 per token: the fused expert weights of every MoE layer are counted
+    from the config by hand; at batch 1 a step reads 2 of 8, at batch B a fraction 1 - (3/4)^B, and shared experts
+    are read whole. A dense model has no estimate."""
+    from transformers import AutoModelForCausalLM, Qwen3NextConfig
+
+    from staterank.bench import decode_bytes_per_step, routed_decode_bytes_per_step, routed_experts
+
+    prepare_runtime("qwen3_next")
+    config = Qwen3NextConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_key_head_dim=8,
+                             linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                             layer_types=["linear_attention", "full_attention"], num_experts=8, num_experts_per_tok=2,
+                             moe_intermediate_size=16, shared_expert_intermediate_size=16)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    experts = 2 * 8 * 3 * 32 * 16 * 4  # layers x experts x (gate, up, down) x hidden x intermediate x float32
+    assert routed_experts(model) == (experts, 8, 2)
+    full = decode_bytes_per_step(model, 100, 1)
+    assert routed_decode_bytes_per_step(model, 100, 1) == full - experts * 6 // 8
+    full = decode_bytes_per_step(model, 100, 5)
+    assert routed_decode_bytes_per_step(model, 100, 5) == full - round(experts * 0.75**5)
+    assert routed_decode_bytes_per_step(AutoModelForCausalLM.from_config(tiny_config("delta_net", 64)), 100, 1) is None
+
+
 def test_bench_says_which_decode_batch_fits_the_budget(tmp_path, capsys):
     path = tmp_path / "c.json"
     path.write_text(json.dumps(tiny_config("delta_net", 64).to_dict()))

@@ -275,6 +275,46 @@ def decode_bytes_per_step(model, state_bytes_per_seq: int, batch_size: int) -> i
     return read + 2 * batch_size * state_bytes_per_seq
 
 
+#: config fields of the routed experts per MoE layer, and of the experts each token reads, by family
+EXPERT_COUNT_FIELDS = ("num_experts", "n_routed_experts", "num_local_experts")
+EXPERTS_PER_TOKEN_FIELDS = ("num_experts_per_tok", "num_experts_per_token", "moe_topk")
+
+
+def routed_experts(model) -> tuple[int, int, int] | None:
+    """``(bytes, E, k)``: the bytes of every routed expert's weights, the experts per MoE layer and those each
+    token reads; None for a model without routed experts. Experts are the modules named ``experts`` that hold
+    E experts: fused ``[E, ...]`` parameters (transformers' MoE layers) or a list of E modules. Shared experts,
+    which every token reads, are not among them."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    count = next((getattr(config, f) for f in EXPERT_COUNT_FIELDS if getattr(config, f, None)), None)
+    per_token = next((getattr(config, f) for f in EXPERTS_PER_TOKEN_FIELDS if getattr(config, f, None)), None)
+    if not count or not per_token:
+        return None
+    total = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] != "experts":
+            continue
+        own = list(module.parameters(recurse=False))
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count or own and all(
+            p.dim() >= 2 and p.shape[0] == count for p in own
+        ):
+            total += sum(p.numel() * p.element_size() for p in module.parameters())
+    return (total, count, per_token) if total else None
+
+
+def routed_decode_bytes_per_step(model, state_bytes_per_seq: int, batch_size: int) -> int | None:
+    """:func:`decode_bytes_per_step` with only the routed experts a batch is expected to read, if routing were
+    uniform: each layer's E experts are read ``E (1 - (1 - k / E)^B)`` times in expectation (k of them per
+    token). Not a bound (routing that agrees across a batch reads fewer) but the figure a MoE step is to be
+    held against at small batches, where the full count overstates its bytes many times. None without experts."""
+    experts = routed_experts(model)
+    if experts is None:
+        return None
+    expert_bytes, count, per_token = experts
+    read = 1 - (1 - per_token / count) ** batch_size  # the expected fraction of each layer's experts read
+    return decode_bytes_per_step(model, state_bytes_per_seq, batch_size) - round(expert_bytes * (1 - read))
+
+
 def largest_batch(budget_bytes: int, model_bytes: int, state_bytes_per_seq: int) -> int:
     """How many sequences' states fit beside the weights in ``budget_bytes``."""
     return max(0, (budget_bytes - model_bytes) // state_bytes_per_seq)
@@ -472,6 +512,8 @@ def _measure(
             "decode_graph_spread": {} if graphs_ran else None,
             "decode_graph_transposed_projections": {} if graphs_ran else None,
             "decode_bound_ms_per_token": {},
+            # MoE only: the bound with the routed experts a batch is expected to read (routed_decode_bytes_per_step)
+            "decode_routed_estimate_ms_per_token": {} if routed_experts(loaded.model) else None,
             "peak_mem_bytes": peak.get(i),
             "state_bytes_per_seq": state_bytes,
             "weight_bytes": weights,
@@ -488,6 +530,9 @@ def _measure(
                 row["decode_graph_transposed_projections"][str(b)] = transposed[(i, b)]
             bound_bytes = decode_bytes_per_step(loaded.model, state_bytes, b)
             row["decode_bound_ms_per_token"][str(b)] = 1000 * bound_bytes / inputs["bandwidth"]
+            routed = routed_decode_bytes_per_step(loaded.model, state_bytes, b)
+            if routed is not None:  # MoE: the experts a batch reads under uniform routing
+                row["decode_routed_estimate_ms_per_token"][str(b)] = 1000 * routed / inputs["bandwidth"]
         if memory_budget_bytes is not None:
             row["max_batch_in_budget"] = largest_batch(memory_budget_bytes, weights, state_bytes)
         rows.append(row)
