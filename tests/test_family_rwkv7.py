@@ -164,6 +164,15 @@ def test_decoding_through_the_cache_and_the_graph_ready_decoder_equals_the_full_
     assert [t.data_ptr() for t in decoder.states] == addresses
 
 
+def test_state_bytes_are_the_bytes_the_cache_holds(one_thread):
+    """Recurrent states and both token-shift caches (the mixer's and the feed-forward's), one sequence."""
+    model = build()
+    with torch.no_grad():
+        cache = model(input_ids=ids(batch=1, seq=5), use_cache=True).past_key_values
+    held = sum(t.nbytes for layer in range(len(cache)) for t in cache[layer].values() if isinstance(t, torch.Tensor))
+    assert adapter_for(model).state_bytes_per_seq() == held
+
+
 def test_channel_and_head_pruning_are_refused_in_one_line(one_thread):
     adapter = adapter_for(build())
     with pytest.raises(PruningShapeError, match="key_dim = hidden_size"):
