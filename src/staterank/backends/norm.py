@@ -122,9 +122,7 @@ def layer_norm_forward(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """CPU version of ``fla.modules.LayerNorm.forward`` (RWKV's block norms with ``fuse_norm``)."""
     h, residual_dtype = _add_residual(x, residual, residual_in_fp32)
-    weight = None if self.weight is None else self.weight.to(h.dtype)
-    bias = None if self.bias is None else self.bias.to(h.dtype)
-    y = F.layer_norm(h, h.shape[-1:], weight, bias, self.eps).to(x.dtype)
+    y = _affine(F.layer_norm(h, h.shape[-1:], eps=self.eps), self.weight, self.bias).to(x.dtype)
     return (y, h.to(residual_dtype)) if prenorm else y
 
 

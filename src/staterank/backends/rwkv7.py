@@ -28,7 +28,7 @@ def token_shift(
     cache: torch.Tensor | None = None,
     output_cache: bool = False,
     chunk_indices: torch.LongTensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``fla.modules.token_shift.token_shift``: ``x_{t-1} - x_t`` over ``[B, T, D]``, the token before each
     sequence's first taken from ``cache`` ``[N, D]`` (zeros without one); the cache out is each sequence's last
     token ``[N, D]``. With ``cu_seqlens`` (``B = 1``) every packed sequence starts afresh."""
@@ -166,23 +166,21 @@ def dplr_states(
     batch, seq, heads, d_k = k.shape
     chunk = max(1, min(chunk or (CHUNK if k.is_cuda else 1), seq))
     decay = log_decay.exp()
-    state = k.new_zeros(batch, heads, d_k, v.shape[-1])
-    if chunk == 1:
-        wanted, states = set(positions), []
-        for t in range(positions[-1]):
-            state = _step(state, k[:, t], v[:, t], a[:, t], b[:, t], decay[:, t])
-            if t + 1 in wanted:
-                states.append(state)
-        return torch.stack(states)
-    P, U, _, _ = _transitions(None, k, v, a, b, decay, chunk)
-    starts, final = _chunk_starts(P, U, state)
-    starts.append(final)
+    state, at = k.new_zeros(batch, heads, d_k, v.shape[-1]), 0  # the state after ``at`` tokens
+    starts = None
+    if chunk > 1:
+        P, U, _, _ = _transitions(None, k, v, a, b, decay, chunk)
+        starts, final = _chunk_starts(P, U, state)
+        starts.append(final)
     states = []
     for t in positions:
-        state = starts[t // chunk]
-        for s in range(t // chunk * chunk, t):
+        if starts is not None and t // chunk * chunk > at:  # jump to the start of t's chunk
+            at = t // chunk * chunk
+            state = starts[t // chunk]
+        for s in range(at, t):
             state = _step(state, k[:, s], v[:, s], a[:, s], b[:, s], decay[:, s])
         states.append(state)
+        at = t
     return torch.stack(states)
 
 
@@ -201,23 +199,6 @@ def chunk_rwkv7(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``fla.ops.rwkv7.chunk_rwkv7`` (``w`` the log decay); ``cu_seqlens_cpu``, ``safe_gate``, ``chunk_size``,
     ``lower_bound`` and the like tune fla's kernel only."""
-    return dplr_recurrence(r, k, v, a, b, w, scale, initial_state, output_final_state, cu_seqlens)
-
-
-def fused_recurrent_rwkv7(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = True,
-    cu_seqlens: torch.LongTensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``fla.ops.rwkv7.fused_recurrent_rwkv7`` (``scale`` defaults to ``d_k ** -0.5``)."""
-    scale = r.shape[-1] ** -0.5 if scale is None else scale
     return dplr_recurrence(r, k, v, a, b, w, scale, initial_state, output_final_state, cu_seqlens)
 
 
