@@ -56,6 +56,7 @@ from transformers.utils import logging as transformers_logging
 
 from staterank import api, pipelines, plots
 from staterank.backends.patch import TORCH_KERNEL_CHOICES
+from staterank.cli import quiet_third_party
 from staterank.errors import StaterankError
 from staterank.io import atomic_file, check_output, write_json
 from staterank.loading import bundled_path, prepare_runtime
@@ -122,6 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="run directory (results.json, results.md, models, analysis)")
     parser.add_argument("--overwrite", action="store_true", help="reuse an existing run directory")
+    parser.add_argument("--debug", action="store_true", help="show third-party warnings and logs")
     parser.add_argument("--smoke", action="store_true", help="tiny models, few steps and tokens: CPU, seconds")
     parser.add_argument("--models", nargs="+", choices=list(ALL_MODELS), default=list(MODELS))
     parser.add_argument(
@@ -666,6 +668,7 @@ NEEDED = {"fla": "the models (flash-linear-attention)", "peft": "LoRA recovery",
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    quiet_third_party(args.debug)
     missing = [f"{name} ({use})" for name, use in NEEDED.items() if importlib.util.find_spec(name) is None]
     if missing:
         print(f"missing package(s): {', '.join(missing)}; install them first", file=sys.stderr)

@@ -39,12 +39,13 @@ def ids(batch: int = 2, seq: int = 30, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 32])
-def test_dplr_recurrence_equals_flas_naive_reference_and_packs_sequences(chunk, one_thread):
+@pytest.mark.parametrize(("chunk", "wy", "decay"), [(1, True, 1.0), (4, True, 1.0), (32, True, 1.0),
+                                                    (4, False, 1.0), (32, False, 1.0), (4, True, 40.0)])  # fmt: skip
+def test_dplr_recurrence_equals_flas_naive_reference_and_packs_sequences(chunk, wy, decay, one_thread):
     """fla's token-by-token ``dplr_recurrence`` (heads first, q scaled by d_k^-1/2) against staterank's, token by
-    token and as a two-level scan (in chunks of 4, with a padded last chunk, and in one chunk), with an initial
-    state; the states at chosen positions against fla's final states of those prefixes; packed sequences give
-    what each gives alone."""
+    token, in the WY form and as the two-level scan (in chunks of 4, with a padded last chunk, and in one chunk),
+    with an initial state; decays too strong for the WY form (up to e^-40 a token) take the scan; the states at
+    chosen positions against fla's final states of those prefixes; packed sequences give what each gives alone."""
     from fla.ops.generalized_delta_rule.dplr.naive import dplr_recurrence
 
     g = torch.Generator().manual_seed(0)
@@ -53,25 +54,45 @@ def test_dplr_recurrence_equals_flas_naive_reference_and_packs_sequences(chunk, 
     a = F.normalize(a, dim=-1)
     b = -a * torch.rand(batch, seq, heads, d_k, generator=g)  # RWKV-7's -kk, kk * gate
     v = torch.randn(batch, seq, heads, d_v, generator=g)
-    log_decay = -torch.rand(batch, seq, heads, d_k, generator=g)
+    log_decay = -decay * torch.rand(batch, seq, heads, d_k, generator=g)
+    assert ops._wy_fits(log_decay, chunk) == (decay == 1.0)
     initial = torch.randn(batch, heads, d_k, d_v, generator=g)
     first = lambda x: x.transpose(1, 2)  # noqa: E731
     expected_o, expected_state = dplr_recurrence(*map(first, (q, k, v, a, b, log_decay)), initial_state=initial)
-    o, state = ops.dplr_recurrence(q, k, v, a, b, log_decay, d_k**-0.5, initial, output_final_state=True, chunk=chunk)
+    o, state = ops.dplr_recurrence(q, k, v, a, b, log_decay, d_k**-0.5, initial, True, chunk=chunk, wy=wy)
     torch.testing.assert_close(o, first(expected_o), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state, expected_state, rtol=1e-4, atol=1e-5)
     positions = [1, 4, 5, 13]
-    states = ops.dplr_states(k, v, a, b, log_decay, positions, chunk=chunk)
+    states = ops.dplr_states(k, v, a, b, log_decay, positions, chunk=chunk, wy=wy)
     for t, state in zip(positions, states, strict=True):
         _, expected = dplr_recurrence(*(first(x[:, :t]) for x in (q, k, v, a, b, log_decay)))
         torch.testing.assert_close(state, expected, rtol=1e-4, atol=1e-5)
 
     packed = [x.reshape(1, batch * seq, *x.shape[2:]) for x in (q, k, v, a, b, log_decay)]
     cu_seqlens = torch.tensor([0, seq, 2 * seq])
-    o_packed, state_packed = ops.dplr_recurrence(*packed, 0.5, initial, True, cu_seqlens, chunk=chunk)
-    o_alone, state_alone = ops.dplr_recurrence(q, k, v, a, b, log_decay, 0.5, initial, True, chunk=chunk)
+    o_packed, state_packed = ops.dplr_recurrence(*packed, 0.5, initial, True, cu_seqlens, chunk=chunk, wy=wy)
+    o_alone, state_alone = ops.dplr_recurrence(q, k, v, a, b, log_decay, 0.5, initial, True, chunk=chunk, wy=wy)
     torch.testing.assert_close(o_packed.reshape(o_alone.shape), o_alone)
     torch.testing.assert_close(state_packed, state_alone)
+
+
+def test_the_wy_forms_gradients_equal_the_token_loops(one_thread):
+    """Training backpropagates through the WY form: its gradients for every input and the initial state equal
+    those of the plain token-by-token loop, in chunks of 8 with a padded last one."""
+    g = torch.Generator().manual_seed(3)
+    batch, seq, heads, d_k, d_v = 2, 21, 2, 8, 4
+    q, k, a = (torch.randn(batch, seq, heads, d_k, generator=g) for _ in range(3))
+    a = F.normalize(a, dim=-1)
+    b = -a * torch.rand(batch, seq, heads, d_k, generator=g)
+    v = torch.randn(batch, seq, heads, d_v, generator=g)
+    log_decay = -torch.rand(batch, seq, heads, d_k, generator=g)
+    inputs = [x.requires_grad_() for x in (q, k, v, a, b, log_decay, torch.randn(batch, heads, d_k, d_v, generator=g))]
+    grads = []
+    for chunk in (1, 8):
+        o, state = ops.dplr_recurrence(*inputs[:6], 0.5, inputs[6], True, chunk=chunk)
+        grads.append(torch.autograd.grad(o.sin().sum() + state.cos().sum(), inputs))
+    for token_loop, wy in zip(*grads, strict=True):
+        torch.testing.assert_close(wy, token_loop, rtol=1e-4, atol=1e-5)
 
 
 def test_element_wise_routes_equal_flas_references(one_thread):

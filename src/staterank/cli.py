@@ -355,7 +355,7 @@ def _one_line(message, category, filename, lineno, line=None) -> str:
 _FORMAT_WARNING = warnings.formatwarning
 
 
-def _quiet_third_party(debug: bool) -> None:
+def quiet_third_party(debug: bool) -> None:
     """Show staterank's own warnings as one line each; third-party warnings and logs only with --debug."""
     warnings.formatwarning = _one_line
     if debug:
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as parse_exit:  # argparse's --help (0) or its one-line error (2): the same codes, returned
         return parse_exit.code
-    _quiet_third_party(args.debug)
+    quiet_third_party(args.debug)
     try:
         return _run(args)
     except StaterankError as e:
