@@ -118,6 +118,8 @@ _DELTA_RULE_ATTRIBUTES = frozenset(
         'fused_chunk_retention', 'fused_recurrent_retention', 'parallel_retention',
     )
 )
+# The PyTorch rules that accumulate in float32 themselves: autocast would push their products to bf16.
+_FLOAT32_RULES = _DELTA_RULE_ATTRIBUTES | {'chunk_rwkv7', 'fused_mul_recurrent_rwkv7'}
 _torch_everywhere: frozenset[str] = frozenset()
 # The fused recurrent steps that may write their state in place (:mod:`staterank.backends.in_place`), by rule.
 _IN_PLACE_STEPS = {
@@ -176,10 +178,9 @@ def _device_dispatcher(
         tensor = _first_tensor(args, kwargs)
         on_cpu = tensor is not None and tensor.device.type == 'cpu'
         everywhere = tensor is not None and attribute in _torch_everywhere
-        # The PyTorch delta rule accumulates in float32 itself; autocast would push its products to bf16.
         guard = (
             torch.autocast(tensor.device.type, enabled=False)
-            if everywhere and not on_cpu and attribute in _DELTA_RULE_ATTRIBUTES
+            if everywhere and not on_cpu and attribute in _FLOAT32_RULES
             and torch.amp.is_autocast_available(tensor.device.type)
             else contextlib.nullcontext()
         )
