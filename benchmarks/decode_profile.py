@@ -8,10 +8,13 @@ same step run through the static cache without the graph under torch.profiler, w
 - ``matmul``: projections, MLPs and the output layer (cuBLAS / CUTLASS / nvjet GEMMs and GEMVs);
 - ``conv``: the short causal convolutions;
 - ``attention``: softmax attention of a hybrid's full-attention layers;
+- ``routing``: a mixture of experts' router (top-k, sorting, and the gathers and scatters of tokens to experts);
 - ``other``: norms, activations, copies and every other element-wise kernel.
 
 Each kernel runs as long with or without the graph, so ``graph time - kernel time`` is what the graph still
-loses between kernels (launch gaps and dependencies inside the graph).
+loses between kernels (launch gaps and dependencies inside the graph). For a mixture of experts the row also
+holds ``routed_estimate_us_per_step``: the bound with only the experts a batch is expected to read under uniform
+routing (``staterank.bench.routed_decode_bytes_per_step``), the figure its small batches are held against.
 
     python benchmarks/decode_profile.py configs/bench/deltanet-1.3B.json configs/bench/deltanet-1.3B-keys50.json \\
         --batch-sizes 1,256 --out decode-profile.json
@@ -33,6 +36,7 @@ KINDS = (
     ("recurrent", re.compile(r"recurrent|delta_rule|kda|gla|decode_step", re.I)),
     ("conv", re.compile(r"conv", re.I)),
     ("attention", re.compile(r"flash|attn|attention|sdpa|fmha", re.I)),
+    ("routing", re.compile(r"topk|sort|scatter|gather|index|histogram|bincount|cumsum", re.I)),
     ("matmul", re.compile(r"gemm|gemv|nvjet|cutlass|sm90_xmma|cublas|splitK|matmul", re.I)),
 )
 
@@ -79,6 +83,7 @@ def main() -> int:
         StaticDecoder,
         decode_bytes_per_step,
         measure_bandwidth_bytes_per_s,
+        routed_decode_bytes_per_step,
     )
     from staterank.commands import _from_config
 
@@ -110,12 +115,14 @@ def main() -> int:
             del static
             kernel_us = sum(per_kind.values())
             bound_us = 1e6 * decode_bytes_per_step(loaded.model, state_bytes, batch) / bandwidth
+            routed = routed_decode_bytes_per_step(loaded.model, state_bytes, batch)
             row = {
                 "config": config,
                 "batch": batch,
                 "graph_us_per_step": graph_us,
                 "bound_us_per_step": bound_us,
                 "of_bound": bound_us / graph_us,
+                "routed_estimate_us_per_step": None if routed is None else 1e6 * routed / bandwidth,
                 "transposed_projections": transposed,
                 "kernel_us_per_step": kernel_us,
                 "gaps_us_per_step": graph_us - kernel_us,

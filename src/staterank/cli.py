@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import traceback
@@ -365,6 +366,7 @@ def quiet_third_party(debug: bool) -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
+    logging.getLogger("fla").setLevel(logging.ERROR)  # fla logs through transformers' helper, under its own name
 
 
 def main(argv: list[str] | None = None) -> int:
