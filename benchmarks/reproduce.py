@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -123,6 +124,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="run directory (results.json, results.md, models, analysis)")
     parser.add_argument("--overwrite", action="store_true", help="reuse an existing run directory")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out: every model it finished (trained, analysed, pruned, recovered) is kept "
+        "as measured, the others run; the options must be the same",
+    )
     parser.add_argument("--debug", action="store_true", help="show third-party warnings and logs")
     parser.add_argument("--smoke", action="store_true", help="tiny models, few steps and tokens: CPU, seconds")
     parser.add_argument("--models", nargs="+", choices=list(ALL_MODELS), default=list(MODELS))
@@ -423,7 +430,8 @@ def analyze_model(run: Run, name: str, trained: Path, args: argparse.Namespace) 
         "seconds": ranks["seconds"],
     }
     run.ranks[name] = ranks
-    plots.stratification_by_model(run.ranks, run.out / STRATIFICATION_PLOT)
+    in_order = {model: run.ranks[model] for model in args.models if model in run.ranks}
+    plots.stratification_by_model(in_order, run.out / STRATIFICATION_PLOT)
     run.log(
         f"{name}: {strata['low']} low / {strata['high']} high heads, "
         f"Spearman across domains {ranks['stability'].get('across_domains_spearman')}"
@@ -492,6 +500,51 @@ def run_model(run: Run, name: str, args: argparse.Namespace) -> None:
         for row in run.results["rows"]:
             if row["model"] == name and row["stage"] != "trained":
                 row.pop("path", None)
+
+
+#: options that may differ between a run and its --resume
+RESUME_MAY_DIFFER = ("models", "resume", "overwrite", "debug")
+
+
+def finished_models(results: dict) -> list[str]:
+    """The models whose every stage a run finished (the last one, LoRA recovery, is recorded)."""
+    stages = [stage["stage"] for stage in results["stages"]]
+    done = {stage.split(": ", 1)[0] for stage in stages if stage.endswith(": LoRA recovery")}
+    return [name for name in results["options"]["models"] if name in done]
+
+
+def resume(run: Run, args: argparse.Namespace) -> list[str]:
+    """Keep what the run in ``--out`` finished: each finished model's training, analysis, rows and stages, and its
+    rank.json for the plot. Returns the models kept; refuses a run made with other options."""
+    path = run.out / "results.json"
+    if not path.is_file():
+        raise StaterankError(f"--resume: {path} not found; start the run without --resume")
+    previous = json.loads(path.read_text())
+    options = {k: v for k, v in vars(args).items() if k != "out"}
+    changed = sorted(
+        k for k in options.keys() | previous["options"].keys()
+        if k not in RESUME_MAY_DIFFER and options.get(k) != previous["options"].get(k)
+    )  # fmt: skip
+    if changed:
+        raise StaterankError(f"--resume: the run in {run.out} was made with other {', '.join(changed)}")
+    kept = []
+    for name in finished_models(previous):
+        rank_json = run.out / "analysis" / name / "rank.json"
+        if name not in args.models or not rank_json.is_file():
+            continue
+        run.results["training"][name] = previous["training"][name]
+        run.results["analysis"][name] = previous["analysis"][name]
+        run.results["rows"] += [row for row in previous["rows"] if row["model"] == name]
+        run.results["stages"] += [stage for stage in previous["stages"] if stage["stage"].startswith(f"{name}: ")]
+        run.ranks[name] = json.loads(rank_json.read_text())
+        kept.append(name)
+    run.results["resumed"] = {
+        "from_command": previous["command"],
+        "from_date": previous["date"],
+        "from_device": previous["device"],
+        "kept_models": kept,
+    }
+    return kept
 
 
 # -- Markdown ----------------------------------------------------------------------------------------------------
@@ -673,14 +726,18 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"missing package(s): {', '.join(missing)}; install them first", file=sys.stderr)
         return 2
-    check_output(args.out, args.overwrite)
+    check_output(args.out, args.overwrite or args.resume)
     torch.manual_seed(args.seed)
     transformers_logging.disable_progress_bar()  # one bar per saved model is noise in the progress lines
     set_kernels(args.kernels)
     run = Run(args, argv)
     run.log(f"device {run.results['device']['name']}, PyTorch kernels: {args.kernels}, models {', '.join(args.models)}")
+    kept = resume(run, args) if args.resume else []
+    if kept:
+        run.log(f"resumed: kept {', '.join(kept)} as measured by {run.results['resumed']['from_date']}")
     for name in args.models:
-        run_model(run, name, args)
+        if name not in kept:
+            run_model(run, name, args)
     run.results["complete"] = True
     run.write()
     run.log("seconds per stage:\n" + "\n".join(f"  {s['seconds']:7.1f}  {s['stage']}" for s in run.results["stages"]))

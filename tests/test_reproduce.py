@@ -198,3 +198,38 @@ def test_the_stratification_study_trains_and_analyses_every_architecture_alike(s
                 assert head["group"] == ("high" if high else "low"), (model, layer["layer"], head)
     assert (out / "stratification.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![every head's final effective rank" in (out / "results.md").read_text()
+
+
+def test_a_resumed_study_keeps_the_finished_models_and_runs_the_others(tmp_path):
+    """A study stopped after one model, resumed with more: the finished model's training, analysis, rows and
+    rank.json are kept as measured (the resumed run trains only the new one), the plot is drawn again, and the
+    run says what it kept; resuming with other options is refused in one line, exit code 2."""
+    out = tmp_path / "run"
+    base = [sys.executable, str(SCRIPT), "--smoke", "--stratification-study", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*base, "--train-steps", "2", "--models", "rwkv7"], capture_output=True, text=True,
+                           timeout=300, env=env)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads((out / "results.json").read_text())
+    rank_json = (out / "analysis" / "rwkv7" / "rank.json").read_bytes()
+    weights = (out / "models" / "rwkv7" / "model.safetensors").stat().st_mtime_ns
+    resumed = subprocess.run([*base, "--train-steps", "2", "--models", "deltanet", "rwkv7", "--resume"],
+                             capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = json.loads((out / "results.json").read_text())
+    assert after["complete"] and after["resumed"]["kept_models"] == ["rwkv7"]
+    assert after["resumed"]["from_date"] == before["date"]
+    assert after["training"]["rwkv7"] == before["training"]["rwkv7"]
+    assert after["analysis"]["rwkv7"] == before["analysis"]["rwkv7"]
+    assert [r for r in after["rows"] if r["model"] == "rwkv7"] == before["rows"]
+    assert (out / "analysis" / "rwkv7" / "rank.json").read_bytes() == rank_json
+    assert (out / "models" / "rwkv7" / "model.safetensors").stat().st_mtime_ns == weights  # not retrained
+    assert set(after["analysis"]) == {"rwkv7", "deltanet"}
+    assert "rwkv7: train" not in [s["stage"] for s in after["stages"][len(before["stages"]) :]]
+    assert (out / "stratification.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    other = subprocess.run([*base, "--train-steps", "3", "--models", "rwkv7", "--resume"], capture_output=True,
+                           text=True, timeout=300, env=env)  # fmt: skip
+    assert other.returncode == 2
+    refusal = f"reproduce: error: --resume: the run in {out} was made with other train_steps"
+    assert other.stderr.strip().splitlines()[-1] == refusal
