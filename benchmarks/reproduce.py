@@ -33,6 +33,10 @@ time budget holds whichever is chosen.
 gated-deltanet kda rwkv7 mamba2`` (``configs/study-*.json`` for the last three, about 29M parameters each) and a
 fixed ``--train-steps`` (the same tokens for every architecture) it asks whether state-rank stratification
 persists under other state rules, and draws every model's heads side by side (``OUT/stratification.png``).
+
+``--resume`` continues a stopped run in ``--out`` with the same options: the models it finished are kept as
+measured (``results.json`` records the run they came from), the others run, and the tables and the plot are
+written again. The model list may grow, so a study can be spread over several sessions of a GPU.
 """
 
 from __future__ import annotations
