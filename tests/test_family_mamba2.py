@@ -249,3 +249,53 @@ def test_decoding_through_the_cache_the_bench_passes_equals_the_full_forward(fam
             out = model(input_ids=ids[:, t : t + 1], **with_cache(model, bench_cache_of(out)), use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_the_chunked_ssd_equals_a_token_loop_with_groups_and_an_initial_state(one_thread):
+    """staterank's SSD (chunks of 8, the last one padded) against the rule written out token by token,
+    ``h_t = exp(w_t) h_{t-1} + x_t B_t^T``, ``y_t = h_t C_t``, with two groups (head h reads group h // (H / G),
+    as mamba_ssm's kernels and fla's decoding step do) and an initial state."""
+    from staterank.backends.mamba2 import ssd
+
+    g = torch.Generator().manual_seed(0)
+    batch, seq, heads, groups, p, n = 2, 21, 4, 2, 5, 3
+    x = torch.randn(batch, seq, heads, p, generator=g)
+    log_decay = -torch.rand(batch, seq, heads, generator=g)
+    B, C = (torch.randn(batch, seq, groups, n, generator=g) for _ in range(2))
+    initial = torch.randn(batch, heads, p, n, generator=g)
+    y, final = ssd(x, log_decay, B, C, chunk=8, initial_state=initial)
+    state, expected = initial.clone(), []
+    group = torch.arange(heads) // (heads // groups)
+    for t in range(seq):
+        state = log_decay[:, t, :, None, None].exp() * state + x[:, t, :, :, None] * B[:, t, group, None, :]
+        expected.append((state * C[:, t, group, None, :]).sum(-1))
+    torch.testing.assert_close(y, torch.stack(expected, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, state, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_mamba2_layers_pytorch_forward_equals_flas_fallback(masked, one_thread):
+    """fla's Mamba2 layer without mamba_ssm: staterank's forward (patched in) against fla's own PyTorch fallback,
+    in training mode with a cache to write and one group (fla's fallback tiles groups differently, see above):
+    the outputs, the conv and SSM states, and every gradient."""
+    from fla.layers.mamba2 import Mamba2
+
+    from staterank.backends.patch import _ORIGINAL
+
+    prepare_runtime("mamba2")
+    torch.manual_seed(0)
+    layer = Mamba2(num_heads=4, head_dim=8, hidden_size=16, state_size=6, n_groups=1, chunk_size=8, layer_idx=0)
+    layer.train()
+    x = torch.randn(2, 21, 16, requires_grad=True)
+    mask = torch.ones(2, 21)
+    mask[1, :5] = 0  # left padding
+    mask = mask if masked else None
+    fla_fallback = getattr(Mamba2.torch_forward, _ORIGINAL)
+    expected = fla_fallback(layer, x, None, True, mask)
+    got = layer.torch_forward(x, None, True, mask)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    inputs = [x, *layer.parameters()]
+    for a, b in zip(torch.autograd.grad(got[0].square().sum(), inputs), torch.autograd.grad(
+            expected[0].square().sum(), inputs), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -27,6 +27,7 @@ from staterank.backends import (
     in_place,
     kda,
     losses,
+    mamba2,
     norm,
     rotary,
     rwkv7,
@@ -64,6 +65,9 @@ _PATCHES: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     ('fla.layers.multiscale_retention', 'fused_recurrent_retention', gla.chunk_retention),
     ('fla.layers.multiscale_retention', 'parallel_retention', gla.parallel_retention),
     ('fla.modules.rotary.ops', 'rotary_embedding', rotary.rotary_embedding),
+    # Mamba-2 layer (fla mamba2) without mamba_ssm: its PyTorch forward, with a chunked SSD of matrix products
+    # for every call without a cache to read (fla's broadcasts a [B, chunks, L, L, heads, d_state] product).
+    ('fla.layers.mamba2:Mamba2', 'torch_forward', mamba2.torch_forward),
     # RWKV-7 layer (fla rwkv7): the DPLR rule (chunk mode with grad or 64+ tokens, the fused step otherwise), its
     # token shift, interpolations, key update, L2 norm and output correction; the feed-forward's token shift and
     # squared ReLU; the block norms and the per-head GroupNorm with config.fuse_norm.
