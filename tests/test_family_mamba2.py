@@ -34,9 +34,9 @@ def fla_mamba2():
     from fla.models import Mamba2Config as FlaMamba2Config  # fla registers its own classes for "mamba2"
     from fla.models import Mamba2ForCausalLM as FlaMamba2ForCausalLM
 
-    # One group: with more, fla 0.6.0's PyTorch prefill tiles B and C over the heads (head h reads group h % G) while
-    # its decoding step and mamba_ssm give head h group h // (H / G), so its own cache disagrees with itself.
-    return FlaMamba2ForCausalLM(FlaMamba2Config(**{**MAMBA, "n_groups": 1}, fuse_cross_entropy=False, fuse_norm=False))
+    # Two groups: fla 0.6.0's own PyTorch prefill tiles B and C over the heads (head h reads group h % G) while its
+    # decoding step and mamba_ssm give head h group h // (H / G); staterank's prefill, patched in, follows the latter.
+    return FlaMamba2ForCausalLM(FlaMamba2Config(**MAMBA, fuse_cross_entropy=False, fuse_norm=False))
 
 
 def transformers_mamba2():
@@ -85,8 +85,7 @@ def test_states_at_every_position_are_the_cached_states_of_that_prefix(family, o
     model = build(family)
     adapter = adapter_for(model)
     shape = adapter.shapes()[0]
-    groups = 1 if family == "mamba2-fla" else 2
-    assert (shape.num_k_heads, shape.num_v_heads, shape.head_k_dim, shape.head_v_dim) == (groups, 8, 8, 8)
+    assert (shape.num_k_heads, shape.num_v_heads, shape.head_k_dim, shape.head_v_dim) == (2, 8, 8, 8)
     ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
     features = {}
     with torch.no_grad(), adapter.tap(lambda f: features.__setitem__(f.layer, f)):
@@ -169,8 +168,6 @@ def test_removing_a_whole_group_equals_zeroed_output_columns_and_reloads(family,
     with pytest.raises(BenchError, match="graphed decoding"):
         StaticDecoder(model, torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2)
     shape = adapter.shapes()[0]
-    if shape.num_k_heads == 1:
-        return  # fla's mamba2 here has one group, which cannot go
     group = list(range(shape.group_size))  # the value heads of group 0
     ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
