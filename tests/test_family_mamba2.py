@@ -251,7 +251,7 @@ def test_decoding_through_the_cache_the_bench_passes_equals_the_full_forward(fam
 def test_the_chunked_ssd_equals_a_token_loop_with_groups_and_an_initial_state(one_thread):
     """staterank's SSD (chunks of 8, the last one padded) against the rule written out token by token,
     ``h_t = exp(w_t) h_{t-1} + x_t B_t^T``, ``y_t = h_t C_t``, with two groups (head h reads group h // (H / G),
-    as mamba_ssm's kernels and fla's decoding step do) and an initial state."""
+    as mamba_ssm's kernels and fla's decoding step do) and an initial state; autocast does not reach it."""
     from staterank.backends.mamba2 import ssd
 
     g = torch.Generator().manual_seed(0)
@@ -268,6 +268,8 @@ def test_the_chunked_ssd_equals_a_token_loop_with_groups_and_an_initial_state(on
         expected.append((state * C[:, t, group, None, :]).sum(-1))
     torch.testing.assert_close(y, torch.stack(expected, 1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(final, state, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bfloat16 training step leaves the SSD in float32
+        torch.testing.assert_close(ssd(x, log_decay, B, C, chunk=8, initial_state=initial), (y, final))
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -42,7 +42,13 @@ def ssd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The SSD rule above in float32: ``x`` ``[b, T, h, p]`` (already times dt), ``log_decay`` ``[b, T, h]``
     (``A dt``), ``B`` and ``C`` ``[b, T, g, n]`` shared by the ``h / g`` heads of each group. Returns ``y``
-    ``[b, T, h, p]`` (without the D term) and the final states ``[b, h, p, n]``."""
+    ``[b, T, h, p]`` (without the D term) and the final states ``[b, h, p, n]``. Autocast is held off: the
+    decays' exponentials and the chunk scores stay in float32 under a bfloat16 training step."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _ssd(x, log_decay, B, C, chunk, initial_state)
+
+
+def _ssd(x, log_decay, B, C, chunk, initial_state):
     batch, seq, heads, _ = x.shape
     groups = B.shape[2]
     pad = -seq % chunk
