@@ -174,9 +174,9 @@ def dplr_recurrence(
     tokens), else (or with ``wy=False``) as a two-level scan that never divides by a decay: every chunk computes
     its ``d_k x d_k`` transition and its own writes from a zero state in parallel with the others (``chunk``
     steps), then the chunks' initial states follow one after another, and each token's output adds what it reads
-    of its chunk's initial state. The WY form is the fastest of the three on CPU and GPU alike: at B 8, T 512,
-    8 heads of 64 x 64 on a 2-core CPU, forward and backward take 0.29 s, against 7.7 s token by token and 8.4 s
-    for the scan."""
+    of its chunk's initial state. The WY form is the default on every device: at B 8, T 512, 8 heads of 64 x 64
+    on a 2-core CPU, forward and backward take 0.29 s, against 7.7 s token by token and 8.4 s for the scan; a
+    29M RWKV-7 trained 5.7 times as fast on an H200 as through the scan."""
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         outputs, finals = [], []
