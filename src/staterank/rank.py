@@ -58,16 +58,17 @@ def states_at(
     Returns:
         ``[P, B, Hv, d_k, d_v]``, one state per position.
 
-    RWKV-7's diagonal-plus-low-rank rule (``features.dplr``) runs token by token
-    (:func:`staterank.backends.rwkv7.dplr_states`). With one decay per head (or none) the states come from one
-    chunked pass that computes no outputs (:func:`staterank.backends.delta_rule_states_torch`). A per-channel
-    decay (KDA, GLA) cuts the sequence at the requested positions instead and runs each segment through the
-    chunked rule with the previous segment's final state as its initial state (one pass plus one partial chunk per
-    position), in chunks of at most 32, whose pairwise per-channel ratios stay small.
+    RWKV-7's diagonal-plus-low-rank rule (``features.dplr``) gives the states at the chunk starts in the WY form,
+    then each position's remaining tokens one by one (:func:`staterank.backends.rwkv7.dplr_states`). With one
+    decay per head (or none) the states come from one chunked pass that computes no outputs
+    (:func:`staterank.backends.delta_rule_states_torch`). A per-channel decay (KDA, GLA) cuts the sequence at the
+    requested positions instead and runs each segment through the chunked rule with the previous segment's final
+    state as its initial state (one pass plus one partial chunk per position), in chunks of at most 32, whose
+    pairwise per-channel ratios stay small.
     """
     seq_len = features.q.shape[1]
     positions = _checked_positions(positions, seq_len)
-    if features.dplr is not None:  # RWKV-7: token by token, no outputs
+    if features.dplr is not None:  # RWKV-7: chunk starts, then the remaining tokens; no outputs
         k, v, a, b, log_decay = (x.to(dtype) for x in (features.k, features.v, *features.dplr, features.log_decay))
         return dplr_states(k, v, a, b, log_decay, positions)
     steps = features.k.shape[1] // seq_len  # delta steps per token: Gated DeltaProduct's num_householder, else 1
