@@ -83,8 +83,11 @@ def torch_forward(
     one-token decoding step (``last_state`` given) is fla's."""
     from fla.layers.mamba2 import Mamba2
 
+    from staterank.backends.patch import _ORIGINAL  # here: patch imports this module
+
     if last_state is not None:
-        return Mamba2.torch_forward.__staterank_original__(self, input_states, last_state, use_cache, attention_mask)
+        fla_forward = getattr(Mamba2.torch_forward, _ORIGINAL)
+        return fla_forward(self, input_states, last_state, use_cache, attention_mask)
     batch, seq, _ = input_states.shape
     dtype = input_states.dtype
     projected = self.in_proj(input_states)
@@ -92,14 +95,10 @@ def torch_forward(
     d_mlp = (projected.shape[-1] - 2 * self.intermediate_size - 2 * groups_state - self.num_heads) // 2
     _, _, gate, xBC, dt = projected.split([d_mlp, d_mlp, self.intermediate_size, self.conv_dim, self.num_heads], -1)
     masked = attention_mask is not None and attention_mask.shape == xBC.shape[:2]
-    if masked:
-        xBC = (xBC * attention_mask[:, :, None]).to(xBC.dtype)
-    new_conv_state = None
-    if use_cache:
-        new_conv_state = F.pad(xBC.transpose(1, 2), (self.conv_kernel_size - seq, 0))
-    xBC = self.act(self.conv1d(xBC.transpose(1, 2))[..., :seq].transpose(1, 2))
-    if masked:
-        xBC = (xBC * attention_mask[:, :, None]).to(xBC.dtype)
+    padding_zeroed = (lambda t: (t * attention_mask[:, :, None]).to(t.dtype)) if masked else (lambda t: t)
+    xBC = padding_zeroed(xBC)  # before the convolution and after it, as fla's forward does
+    new_conv_state = F.pad(xBC.transpose(1, 2), (self.conv_kernel_size - seq, 0)) if use_cache else None
+    xBC = padding_zeroed(self.act(self.conv1d(xBC.transpose(1, 2))[..., :seq].transpose(1, 2)))
     x, B, C = xBC.split([self.intermediate_size, groups_state, groups_state], -1)
     dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(self.dt_limit[0], self.dt_limit[1])
     x = x.reshape(batch, seq, self.num_heads, self.head_dim).float()

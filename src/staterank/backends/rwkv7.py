@@ -150,6 +150,16 @@ def _wy_chunks(r, k, v, a, b, log_decay, chunk: int, state: torch.Tensor):
     return starts, state, o
 
 
+def _chunkwise(r, k, v, a, b, log_decay, chunk: int, state: torch.Tensor, wy: bool):
+    """The state before each chunk, the final state and, if ``r`` is given, the outputs ``[B, H, N, C, d_v]``: in
+    the WY form where every chunk's decay allows it (and ``wy``), else by the two-level scan."""
+    if wy and _wy_fits(log_decay, chunk):
+        return _wy_chunks(r, k, v, a, b, log_decay, chunk, state)
+    P, U, read_start, read_local = _transitions(r, k, v, a, b, log_decay.exp(), chunk)
+    starts, final = _chunk_starts(P, U, state)
+    return starts, final, None if r is None else read_local + read_start @ torch.stack(starts, 2)
+
+
 def dplr_recurrence(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -200,12 +210,7 @@ def dplr_recurrence(
             state = _step(state, k[:, t], v[:, t], a[:, t], b[:, t], log_decay[:, t].exp())
             outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, state))
         return torch.stack(outputs, dim=1).to(dtype), state if output_final_state else None
-    if wy and _wy_fits(log_decay, chunk):
-        _, state, o = _wy_chunks(q * scale, k, v, a, b, log_decay, chunk, state)
-    else:
-        P, U, read_start, read_local = _transitions(q * scale, k, v, a, b, log_decay.exp(), chunk)
-        starts, state = _chunk_starts(P, U, state)
-        o = read_local + read_start @ torch.stack(starts, 2)  # [B, H, N, C, d_v]
+    _, state, o = _chunkwise(q * scale, k, v, a, b, log_decay, chunk, state, wy)
     o = o.permute(0, 2, 3, 1, 4).flatten(1, 2)[:, :seq]
     return o.to(dtype), state if output_final_state else None
 
@@ -229,12 +234,8 @@ def dplr_states(
     decay = log_decay.exp()
     state, at = k.new_zeros(batch, heads, d_k, v.shape[-1]), 0  # the state after ``at`` tokens
     starts = None
-    if chunk > 1 and wy and _wy_fits(log_decay, chunk):
-        starts, final, _ = _wy_chunks(None, k, v, a, b, log_decay, chunk, state)
-        starts.append(final)
-    elif chunk > 1:
-        P, U, _, _ = _transitions(None, k, v, a, b, decay, chunk)
-        starts, final = _chunk_starts(P, U, state)
+    if chunk > 1:
+        starts, final, _ = _chunkwise(None, k, v, a, b, log_decay, chunk, state, wy)
         starts.append(final)
     states = []
     for t in positions:
