@@ -17,7 +17,7 @@ import torch
 from fla.ops.kda.gate import naive_kda_gate, naive_kda_lowerbound_gate
 from fla.ops.kda.naive import naive_chunk_kda, naive_recurrent_kda
 from reference import cached_state_bytes, decoded_logits, logits, reload_and_compare
-from transformers import AutoModelForCausalLM, KimiLinearConfig
+from transformers import AutoModelForCausalLM, KimiLinearConfig, KimiLinearForCausalLM
 
 from staterank.backends.delta_rule import chunk_delta_rule_torch, delta_rule_step_torch, l2_norm
 from staterank.backends.kda import chunk_kda, fused_recurrent_kda, kda_log_decay
@@ -25,6 +25,7 @@ from staterank.cli import main
 from staterank.data import read_documents
 from staterank.loading import prepare_runtime
 from staterank.models import adapter_for
+from staterank.models.kimi_linear import StaterankKimiLinearConfig, StaterankKimiLinearForCausalLM
 from staterank.rank import states_at
 from staterank.tokenizer import train_tokenizer
 
@@ -171,9 +172,11 @@ def test_states_at_with_a_decay_per_key_channel():
 # --- the models --------------------------------------------------------------------------------------------------
 
 
-def kimi_config(vocab_size: int = VOCAB) -> KimiLinearConfig:
-    """transformers' default KimiLinearConfig (Kimi-Linear-48B-A3B) cut to 4 blocks, its KDA shapes kept."""
-    return KimiLinearConfig(
+def kimi_config(vocab_size: int = VOCAB, **key_dim) -> KimiLinearConfig:
+    """transformers' default KimiLinearConfig (Kimi-Linear-48B-A3B) cut to 4 blocks, its KDA shapes kept; with
+    ``linear_key_head_dim``, the config a d_k-pruned model is saved with."""
+    return (StaterankKimiLinearConfig if key_dim else KimiLinearConfig)(
+        **key_dim,
         num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"],
         hidden_size=256, intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_token=2,
         vocab_size=vocab_size, pad_token_id=None, bos_token_id=None, eos_token_id=None,
@@ -223,6 +226,21 @@ def test_kimi_layout_and_cpu_route(kimi):
     # with fla importable transformers bound fla's Triton kernels; on CPU staterank routes the calls to its own op
     assert getattr(modeling_kimi_linear.chunk_kimi_delta_attention, "_staterank_dispatch", False)
     assert getattr(modeling_kimi_linear.recurrent_kimi_delta_attention, "_staterank_dispatch", False)
+
+
+def test_a_pruned_kimi_chooses_the_stock_attention_and_experts_implementations(monkeypatch):
+    """transformers reads a class's module source to decide whether it may choose grouped_mm experts (and sdpa),
+    caching the answer on the class: the d_k-pruned class, built first in a process, gets the stock choice, not the
+    eager experts loop that no CUDA graph can capture."""
+    for cls in (KimiLinearForCausalLM, StaterankKimiLinearForCausalLM):
+        for cached in ("_can_set_experts_implementation_cached_value", "_can_set_attn_implementation_cached_value"):
+            if cached in vars(cls):
+                monkeypatch.delattr(cls, cached)
+    pruned = AutoModelForCausalLM.from_config(kimi_config(linear_key_head_dim=64))
+    stock = AutoModelForCausalLM.from_config(kimi_config())
+    assert type(pruned) is StaterankKimiLinearForCausalLM
+    assert pruned.config._experts_implementation == stock.config._experts_implementation != "eager"
+    assert pruned.config._attn_implementation == stock.config._attn_implementation
 
 
 def test_kimi_forward_equals_transformers_reference_and_its_own_decoding(kimi, monkeypatch):

@@ -145,6 +145,18 @@ class StaterankKimiLinearForCausalLM(KimiLinearForCausalLM):
                 block.self_attn = StaterankKimiDeltaAttention(config, layer)
         self.post_init()
 
+    # transformers decides whether a class may choose its attention and experts implementations by reading the
+    # source of the class's module for its decorators; this module has none, so without these the first model built
+    # in a process fell back to the eager experts loop (a host sync per expert; no CUDA graph can hold it) unless a
+    # stock model had been built before and cached the stock answer on the parent class.
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return KimiLinearForCausalLM._can_set_attn_implementation()
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return KimiLinearForCausalLM._can_set_experts_implementation()
+
 
 def register_auto_classes() -> None:
     """Let AutoConfig / AutoModelForCausalLM load ``staterank_kimi_linear`` models (idempotent)."""
