@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, KimiLinearConfig, KimiLinearForCa
 
 from staterank.backends.delta_rule import chunk_delta_rule_torch, delta_rule_step_torch, l2_norm
 from staterank.backends.kda import chunk_kda, fused_recurrent_kda, kda_log_decay
+from staterank.bench import BenchError, GraphedDecoder
 from staterank.cli import main
 from staterank.data import read_documents
 from staterank.loading import prepare_runtime
@@ -241,6 +242,17 @@ def test_a_pruned_kimi_chooses_the_stock_attention_and_experts_implementations(m
     assert type(pruned) is StaterankKimiLinearForCausalLM
     assert pruned.config._experts_implementation == stock.config._experts_implementation != "eager"
     assert pruned.config._attn_implementation == stock.config._attn_implementation
+
+
+def test_graphed_decoding_refuses_the_eager_experts_loop_in_one_line(kimi):
+    before = kimi.get_experts_implementation()
+    kimi.set_experts_implementation("eager")
+    try:
+        with pytest.raises(BenchError, match="eager loop") as error:
+            GraphedDecoder(kimi, ids(batch=1, seq=4), 8)
+    finally:
+        kimi.set_experts_implementation(before)
+    assert "\n" not in str(error.value)
 
 
 def test_kimi_forward_equals_transformers_reference_and_its_own_decoding(kimi, monkeypatch):

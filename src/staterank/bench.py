@@ -231,6 +231,11 @@ class GraphedDecoder(StaticDecoder):
     def __init__(
         self, model, prompt: torch.Tensor, max_new_tokens: int = 256, warmup_steps: int = 3, relayout: bool = True
     ):
+        if routed_experts(model) is not None and getattr(model.config, "_experts_implementation", None) == "eager":
+            raise BenchError(
+                "the model's experts run transformers' eager loop (experts_implementation 'eager'), which syncs with "
+                "the host for every expert and cannot be captured; load it with experts_implementation='grouped_mm'"
+            )
         super().__init__(model, prompt, max_new_tokens, relayout=relayout)
         # Triton autotuning and lazy allocations must happen before capture, on a side stream.
         side = torch.cuda.Stream()
