@@ -112,6 +112,13 @@ def test_bad_input_gives_one_line_and_exit_code_2(model_dir, tmp_path, capsys):
     (weights / "model.safetensors").write_bytes(b"\x00" * 64)
     assert "cannot load the model" in _one_line_error(capsys, ["info", str(weights)])
 
+    untokenized = tmp_path / "no-tokenizer"  # transformers' message for this spans several lines
+    untokenized.mkdir()
+    for file in model_dir.iterdir():
+        if file.name in ("config.json", "model.safetensors"):
+            (untokenized / file.name).write_bytes(file.read_bytes())
+    assert "cannot load the tokenizer" in _one_line_error(capsys, ["info", str(untokenized)])
+
     llama = tmp_path / "llama"
     LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=10).save_pretrained(llama)
     err = _one_line_error(capsys, ["info", str(llama)])

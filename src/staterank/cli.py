@@ -369,6 +369,11 @@ def quiet_third_party(debug: bool) -> None:
     logging.getLogger("fla").setLevel(logging.ERROR)  # fla logs through transformers' helper, under its own name
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line: third-party messages we quote may span several."""
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -380,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     except StaterankError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"staterank: error: {e}", file=sys.stderr)
+        print(f"staterank: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("staterank: interrupted", file=sys.stderr)
@@ -388,6 +393,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             traceback.print_exc()
-        message = f"staterank: unexpected failure: {type(e).__name__}: {e}"
+        message = f"staterank: unexpected failure: {type(e).__name__}: {one_line(e)}"
         print(f"{message} (rerun with --debug for details)", file=sys.stderr)
         return 1
