@@ -1,4 +1,5 @@
-"""Mamba-2 layers (transformers' and fla's mamba2; transformers' bamba, nemotron_h, granitemoehybrid): the states
+"""Mamba-2 layers (transformers' and fla's mamba2; transformers' bamba, nemotron_h, granitemoehybrid, falcon_h1,
+zamba2): the states
 rebuilt from the tap at every requested position against each model's own cache after that prefix, the metrics on
 them, d_state pruning against zeroed B and C rows and group removal against zeroed output columns (with the stock
 reloads), and the refusals (part of a group, graphed decoding) in one line."""
@@ -13,9 +14,11 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     BambaConfig,
+    FalconH1Config,
     GraniteMoeHybridConfig,
     Mamba2Config,
     NemotronHConfig,
+    Zamba2Config,
 )
 
 from staterank.cli import main
@@ -52,6 +55,17 @@ CONFIGS = {
     "nemotron_h": lambda: NemotronHConfig(
         **HYBRID, head_dim=16, mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=8, expand=2,
         chunk_size=16, num_hidden_layers=3, layers_block_type=["mamba", "attention", "mlp"],
+    ),  # fmt: skip
+    # falcon_h1: every block has attention beside the mixer; muP multipliers on in_proj's input and on each block of
+    # its output (z, x, B, C, dt), which the tap must apply
+    "falcon_h1": lambda: FalconH1Config(
+        **HYBRID, **HYBRID_MAMBA, mamba_d_ssm=None, num_hidden_layers=2, ssm_in_multiplier=0.7,
+        ssm_multipliers=[1.3, 0.8, 1.7, 0.6, 1.2], head_dim=16, mamba_rms_norm=True,
+    ),  # fmt: skip
+    # zamba2: the second block is a hybrid one (a shared transformer, then its Mamba-2 block in mamba_decoder)
+    "zamba2": lambda: Zamba2Config(
+        vocab_size=64, hidden_size=32, num_attention_heads=2, n_mamba_heads=8, mamba_ngroups=2, mamba_d_state=8,
+        mamba_expand=2, chunk_size=16, num_hidden_layers=2, layers_block_type=["mamba", "hybrid"],
     ),  # fmt: skip
     "granitemoehybrid": lambda: GraniteMoeHybridConfig(
         **HYBRID, **HYBRID_MAMBA, num_hidden_layers=2, layer_types=["mamba", "attention"], num_local_experts=2,

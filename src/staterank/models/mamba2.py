@@ -1,5 +1,7 @@
 """Mamba-2 layers: ``mamba2`` (transformers' ``Mamba2Mixer``, or fla's ``Mamba2`` once fla is imported, which
-registers its own classes for the type) and transformers' hybrids ``bamba``, ``nemotron_h`` and ``granitemoehybrid``.
+registers its own classes for the type) and transformers' hybrids ``bamba``, ``nemotron_h``, ``granitemoehybrid``,
+``falcon_h1`` (a Mamba-2 mixer beside attention in every block, its in_proj input and outputs scaled by muP
+multipliers, which the tap applies) and ``zamba2`` (a hybrid block's Mamba-2 block sits in ``mamba_decoder``).
 
 A Mamba-2 head ``h`` of ``H`` keeps a state ``[head_dim, d_state]``; in staterank's key-first layout
 ``[d_state, head_dim]`` it is the linear-attention state of a head whose keys are ``B``, queries ``C`` and values
@@ -49,21 +51,29 @@ from staterank.models.base import (
 from staterank.models.fla_common import causal_depthwise_conv
 
 #: The Mamba-2 mixer classes of transformers' models, and the attribute of a decoder block that holds one.
-MIXER_CLASSES = ("Mamba2Mixer", "Mamba2", "BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer")
+MIXER_CLASSES = (
+    "Mamba2Mixer", "Mamba2", "BambaMixer", "NemotronHMamba2Mixer", "GraniteMoeHybridMambaLayer", "FalconH1Mixer",
+    "Zamba2MambaMixer",
+)  # fmt: skip
 MIXER_ATTRIBUTES = ("mixer", "mamba")
-#: Where each family's config keeps d_state: mamba2 (transformers and fla), bamba and granitemoehybrid, nemotron_h.
+#: zamba2's hybrid blocks hold their Mamba-2 block (and its ``mamba``) here, beside the shared transformer
+INNER_BLOCK_ATTRIBUTES = ("mamba_decoder",)
+#: Where each family's config keeps d_state: mamba2 (transformers and fla), bamba, granitemoehybrid, falcon_h1 and
+#: zamba2, nemotron_h.
 STATE_SIZE_FIELDS = ("state_size", "mamba_d_state", "ssm_state_size")
-#: ... and its heads, groups and expansion (intermediate = expand x hidden_size, where the config derives it so).
-HEAD_FIELDS = ("num_heads", "mamba_n_heads", "mamba_num_heads")
-GROUP_FIELDS = ("n_groups", "mamba_n_groups")
+#: ... and its heads, groups and expansion (intermediate = expand x hidden_size, where the config derives it so;
+#: falcon_h1 may state it instead as mamba_d_ssm).
+HEAD_FIELDS = ("num_heads", "mamba_n_heads", "mamba_num_heads", "n_mamba_heads")
+GROUP_FIELDS = ("n_groups", "mamba_n_groups", "mamba_ngroups")
 EXPAND_FIELDS = ("expand", "mamba_expand")
-WHOLE_EXPAND_FIELDS = ("mamba_expand",)  # bamba's and granitemoehybrid's are whole numbers
+WHOLE_EXPAND_FIELDS = ("mamba_expand",)  # bamba's, granitemoehybrid's, falcon_h1's and zamba2's are whole numbers
+INTERMEDIATE_FIELDS = ("mamba_d_ssm",)
 
 
 @register
 class Mamba2Adapter(ModelAdapter):
     family = "Mamba-2"
-    model_types = ("mamba2", "bamba", "nemotron_h", "granitemoehybrid")
+    model_types = ("mamba2", "bamba", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2")
     lora_targets = ("in_proj",)
     no_decay_suffixes = ("A_log", "dt_bias", "D")
     state_dtype = torch.float32  # the scans keep the state in float32
@@ -92,6 +102,7 @@ class Mamba2Adapter(ModelAdapter):
 
     def mixer(self, layer: int) -> nn.Module | None:
         block = self.decoder_layers()[layer]
+        block = next((getattr(block, n) for n in INNER_BLOCK_ATTRIBUTES if hasattr(block, n)), block)
         for name in MIXER_ATTRIBUTES:
             module = getattr(block, name, None)
             if type(module).__name__ in MIXER_CLASSES:
@@ -111,7 +122,10 @@ class Mamba2Adapter(ModelAdapter):
     def features(self, layer: int, hidden: torch.Tensor) -> HeadFeatures:
         mixer, shape = self.mixer(layer), self.layer_shape(layer)
         inner, groups = mixer.intermediate_size, mixer.n_groups * mixer.ssm_state_size
-        projected = mixer.in_proj(hidden)[..., self._z_offset(mixer) :]
+        projected = mixer.in_proj(hidden * getattr(mixer, "ssm_in_multiplier", 1.0))
+        if getattr(mixer, "mup_vector", None) is not None:  # falcon_h1: a multiplier per block of z, x, B, C, dt
+            projected = projected * mixer.mup_vector
+        projected = projected[..., self._z_offset(mixer) :]
         _, xbc, dt = projected.split([inner, mixer.conv_dim, mixer.num_heads], dim=-1)
         xbc = causal_depthwise_conv(xbc, mixer.conv1d.weight, mixer.conv1d.bias, silu=True)
         x, b, c = xbc.split([inner, groups, groups], dim=-1)
@@ -160,7 +174,7 @@ class Mamba2Adapter(ModelAdapter):
         b_rows = self._z_offset(mixer) + 2 * inner  # in_proj: [(MLP blocks) | z | x | B | C | dt]
         rows = torch.cat((torch.arange(b_rows), b_rows + kept, b_rows + groups + kept,
                           torch.arange(b_rows + 2 * groups, mixer.in_proj.out_features)))  # fmt: skip
-        slice_linear_rows(mixer.in_proj, rows)
+        _slice_in_proj(mixer, rows)
         channels = torch.cat((torch.arange(inner), inner + kept, inner + groups + kept))  # conv: [x | B | C]
         slice_conv_channels(mixer.conv1d, channels)
         mixer.ssm_state_size = int(index.shape[1])
@@ -187,13 +201,16 @@ class Mamba2Adapter(ModelAdapter):
         z = self._z_offset(mixer)  # in_proj: [(MLP blocks) | z | x | B | C | dt]
         rows = torch.cat((torch.arange(z), z + heads, z + inner + heads, z + 2 * inner + kept_groups,
                           z + 2 * inner + groups + kept_groups, z + 2 * inner + 2 * groups + kept_v))  # fmt: skip
-        slice_linear_rows(mixer.in_proj, rows)
+        _slice_in_proj(mixer, rows)
         slice_conv_channels(mixer.conv1d, torch.cat((heads, inner + kept_groups, inner + groups + kept_groups)))
         mixer.A_log = slice_vector(mixer.A_log, kept_v)
         mixer.dt_bias = slice_vector(mixer.dt_bias, kept_v)
         mixer.D = slice_vector(mixer.D, kept_v if mixer.D.numel() == shape.num_v_heads else heads)  # fla: per channel
-        if getattr(mixer, "norm", None) is not None:
-            mixer.norm.weight = slice_vector(mixer.norm.weight, heads)  # each group's size is unchanged
+        norm = getattr(mixer, "norm", None)
+        if getattr(norm, "weight", None) is not None:  # falcon_h1's may be an Identity
+            norm.weight = slice_vector(norm.weight, heads)  # each group's size is unchanged
+            if hasattr(norm, "n_groups"):  # falcon_h1's splits by its count of groups
+                norm.n_groups = len(kept_k)
         slice_linear_columns(mixer.out_proj, heads)
         mixer.num_heads, mixer.n_groups = len(kept_v), len(kept_k)
         mixer.intermediate_size = len(kept_v) * head_dim
@@ -204,6 +221,9 @@ class Mamba2Adapter(ModelAdapter):
         inner = num_v_heads * self.layer_shape(self.linear_layers()[0]).head_v_dim
         fields = {name: num_v_heads for name in HEAD_FIELDS if hasattr(config, name)}
         fields |= {name: num_k_heads for name in GROUP_FIELDS if hasattr(config, name)}
+        stated = {name: inner for name in INTERMEDIATE_FIELDS if getattr(config, name, None) is not None}
+        if stated:  # the config states the width itself, so the expansion stays as it is
+            return fields | stated
         for name in EXPAND_FIELDS:  # intermediate = int(expand * hidden_size), where the config derives it so
             if hasattr(config, name):
                 expand = inner / config.hidden_size
@@ -218,3 +238,10 @@ class Mamba2Adapter(ModelAdapter):
                 fields[name] = expand
         return fields
 
+
+
+def _slice_in_proj(mixer: nn.Module, rows: torch.Tensor) -> None:
+    """Keep ``rows`` of a mixer's ``in_proj``, and of falcon_h1's multipliers of its output (``mup_vector``)."""
+    slice_linear_rows(mixer.in_proj, rows)
+    if getattr(mixer, "mup_vector", None) is not None:
+        mixer.mup_vector = mixer.mup_vector[..., rows.to(mixer.mup_vector.device)].contiguous()
