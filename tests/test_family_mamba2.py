@@ -243,7 +243,7 @@ def test_info_analyze_and_pruning_by_channels_and_groups(source, tmp_path, capsy
     assert re.search("whole group|same number of value heads", err) and not part.exists()
 
 
-@pytest.mark.parametrize("family", ["mamba2-transformers", "bamba"])
+@pytest.mark.parametrize("family", ["mamba2-transformers", "mamba2-fla", "bamba", "falcon_h1"])
 def test_decoding_through_the_cache_the_bench_passes_equals_the_full_forward(family, one_thread):
     """transformers' Mamba2 takes and returns its cache as ``cache_params``, the hybrids as ``past_key_values``:
     ``staterank.bench`` passes and reads either, and decoding through it gives the full forward's logits."""

@@ -83,10 +83,8 @@ def torch_forward(
     one-token decoding step (``last_state`` given) is fla's."""
     from fla.layers.mamba2 import Mamba2
 
-    from staterank.backends.patch import _ORIGINAL  # here: patch imports this module
-
     if last_state is not None:
-        fla_forward = getattr(Mamba2.torch_forward, _ORIGINAL)
+        fla_forward = Mamba2.torch_forward.__wrapped__  # fla's own, under the patch's dispatcher (functools.wraps)
         return fla_forward(self, input_states, last_state, use_cache, attention_mask)
     batch, seq, _ = input_states.shape
     dtype = input_states.dtype
