@@ -114,9 +114,9 @@ FAMILIES = {
 AUTO_CLASSES = {"qwen3_5": AutoModelForImageTextToText, "qwen3_5_moe": AutoModelForImageTextToText}
 #: Registered model_types that FAMILIES leaves out, with the reason and where they are tested.
 COVERED_ELSEWHERE: dict[str, str] = {
-    name: "tests/test_family_mamba2.py: Mamba-2 layers, states against the cache at every position; their pruning "
-    "and graphed decoding are refused"
-    for name in ("mamba2", "bamba", "nemotron_h", "granitemoehybrid")
+    name: "tests/test_family_mamba2.py: Mamba-2 layers, states against the cache at every position, d_state and "
+    "whole-group pruning with stock reloads; graphed decoding is refused"
+    for name in ("mamba2", "bamba", "nemotron_h", "granitemoehybrid", "falcon_h1", "zamba2")
 } | {
     "rwkv7": "tests/test_family_rwkv7.py: the DPLR rule against fla's references, states against the cache at every "
     "position, decoding; its pruning is refused"
