@@ -239,7 +239,6 @@ class Mamba2Adapter(ModelAdapter):
         return fields
 
 
-
 def _slice_in_proj(mixer: nn.Module, rows: torch.Tensor) -> None:
     """Keep ``rows`` of a mixer's ``in_proj``, and of falcon_h1's multipliers of its output (``mup_vector``)."""
     slice_linear_rows(mixer.in_proj, rows)
