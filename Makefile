@@ -22,14 +22,25 @@ test: $(STAMP)
 setup: $(STAMP)
 
 # torch and triton come from the lock only where setup installs torch itself; an existing torch keeps its triton.
+# pip unpacks and builds under $(PIPTMP), on the venv's own disk rather than a /tmp that may be small, and keeps
+# no second copy of each wheel in its cache. A disk too full for the install is refused before pip starts.
+PIPTMP := $(VENV)/.pip-tmp
+PIP := TMPDIR=$(abspath $(PIPTMP)) PIP_NO_CACHE_DIR=1 $(BIN)/python -m pip
+NEED_GIB_TORCH := 4
+NEED_GIB := 1.5
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
+	mkdir -p $(PIPTMP)
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then need=$(NEED_GIB); else need=$(NEED_GIB_TORCH); fi; \
+	$(BIN)/python -c "import shutil, sys; free = shutil.disk_usage('$(VENV)').free / 2**30; \
+	free >= $$need or sys.exit(f'setup needs about $$need GiB free on the disk of $(VENV) and has {free:.1f} GiB: free some space and run it again')"
 	if $(BIN)/python -c "import torch" 2>/dev/null; then \
 		grep -vE '^(torch|triton)==' $(LOCK) > $(VENV)/constraints.txt; \
 	else \
-		$(BIN)/python -m pip install $$(grep -E '^(torch|triton)==' $(LOCK)) && cp $(LOCK) $(VENV)/constraints.txt; \
+		$(PIP) install $$(grep -E '^(torch|triton)==' $(LOCK)) && cp $(LOCK) $(VENV)/constraints.txt; \
 	fi
-	$(BIN)/python -m pip install -c $(VENV)/constraints.txt -e ".[fla,dev]"
+	$(PIP) install -c $(VENV)/constraints.txt -e ".[fla,dev]"
+	rm -rf $(PIPTMP)
 	touch $(STAMP)
 
 # The newest releases within pyproject's ranges (torch stays at the locked build: a newer one is a CUDA download).
