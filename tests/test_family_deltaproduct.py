@@ -173,10 +173,13 @@ def test_removed_heads_equal_zeroed_output_columns(one_thread, tmp_path):
     for layer in adapter.linear_layers():
         masked.model.layers[layer].attn.o_proj.weight.view(32, 4, 8)[:, [1, 3]] = 0
     expected = masked(input_ids=ids).logits
+    model_before = model(input_ids=ids).logits
     bytes_before = adapter.state_bytes_per_seq()
     adapter.remove_heads({layer: [1, 3] for layer in adapter.linear_layers()})
     pruned = model(input_ids=ids).logits
-    torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-5)
+    # float32 rounding through 4 layers: the narrower o_proj sums in another order (1.6e-5 seen with AVX-512)
+    torch.testing.assert_close(pruned, expected, rtol=1e-4, atol=1e-4)
+    assert (pruned - model_before).abs().max() > 1e-3
     assert adapter.state_bytes_per_seq() < bytes_before
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
