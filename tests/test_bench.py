@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -73,6 +74,47 @@ def test_sequential_bench_loads_each_model_after_the_last_is_freed(tmp_path):
     assert result["interleaved"] is False and [row["name"] for row in result["models"]] == ["a", "b"]
     assert result["models"][0]["state_bytes_per_seq"] == result["models"][1]["state_bytes_per_seq"]
     assert result["speedup"]["b"]["state_bytes"] == 1.0
+
+
+def test_sequential_bench_keeps_the_models_measured_when_a_later_one_fails(tmp_path, capsys):
+    """One model at a time: after each model but the last, the result so far is in OUT's .partial file; a run
+    that fails at a later model keeps it and says where, and a run that completes leaves only OUT."""
+    paths = []
+    for name, vocab in (("a", 64), ("b", 64), ("c", 80)):  # c's vocabulary cannot share a's inputs
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(tiny_config("delta_net", vocab).to_dict()))
+    out, partial = tmp_path / "bench.json", tmp_path / "bench.partial.json"
+    argv = ["bench", "--from-config", "--sequential", "--seq-len", "8", "--batch-size", "1",
+            "--decode-batch-sizes", "1", "--decode-steps", "1", "--warmup", "0", "--repeats", "1", "--out", str(out)]
+    assert main([*argv[:1], *map(str, paths), *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "different vocabularies" in err and str(partial) in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    kept = json.loads(partial.read_text())
+    assert [row["name"] for row in kept["models"]] == [str(p) for p in paths[:2]]
+    assert kept["models_pending"] == [str(paths[2])] and kept["interleaved"] is False
+    assert main([*argv[:1], *map(str, paths[:2]), *argv[1:]]) == 2  # the partial file is an output too
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv[:1], *map(str, paths[:2]), *argv[1:], "--overwrite"]) == 0
+    assert not partial.exists() and [row["name"] for row in json.loads(out.read_text())["models"]] == list(
+        map(str, paths[:2])
+    )
+
+
+def test_sequential_bench_reports_each_model_as_it_is_measured():
+    from staterank.bench import bench
+    from staterank.loading import load
+
+    seen = []
+    loader = functools.partial(load, "tiny-deltanet", device="cpu", dtype=torch.float32)
+    keep = lambda r: seen.append(json.loads(json.dumps(r)))  # noqa: E731  (a copy: JSON as it would be written)
+    result = bench([loader] * 3, ["a", "b", "c"], batch_size=1, seq_len=8, decode_batch_sizes=(1,), decode_steps=1,
+                   warmup=0, repeats=1, sequential=True, on_measured=keep)  # fmt: skip
+    assert [[row["name"] for row in r["models"]] for r in seen] == [["a"], ["a", "b"]]
+    assert [r["models_pending"] for r in seen] == [["b", "c"], ["c"]]
+    final = json.loads(json.dumps(result))
+    assert "models_pending" not in final and seen[1]["models"] == final["models"][:2]
+    assert seen[1]["speedup"]["b"] == final["speedup"]["b"]
 
 
 def test_bench_api_on_a_loaded_model_directory(tmp_path):

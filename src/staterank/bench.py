@@ -360,17 +360,21 @@ def bench(
     memory_budget_bytes: int | None = None,
     seed: int = 0,
     sequential: bool = False,
+    on_measured: Callable[[dict], None] | None = None,
 ) -> dict:
     """Measure every model on the same random token ids; return the JSON of DESIGN.md section 6.
 
     ``models`` are loaded models, or functions that load one. With ``sequential``, for models that do not fit
     the device together, each is loaded, measured and freed in turn, so its repeats are not interleaved with
-    the others' (the result says ``"interleaved": false``).
+    the others' (the result says ``"interleaved": false``); after each model but the last, ``on_measured`` gets
+    the result so far, whose ``"models_pending"`` names the models still to measure.
     """
     if not models:
         raise BenchError("give at least one model")
     groups = [[m] for m in models] if sequential else [models]
     names_of = [[n] for n in names] if sequential else [names]
+    settings = dict(batch_size=batch_size, seq_len=seq_len, decode_steps=decode_steps, warmup=warmup,
+                    repeats=repeats, interleaved=not sequential or len(models) == 1)  # fmt: skip
     rows: list[dict] = []
     graphs_unavailable = None
     inputs = None
@@ -391,7 +395,16 @@ def bench(
         if sequential and device.type == "cuda":
             gc.collect()
             torch.cuda.empty_cache()
+        pending = names[len(rows) :]
+        if on_measured is not None and pending:
+            partial = _result(rows, device, dtype, inputs, graphs_unavailable, decode_batch_sizes, **settings)
+            on_measured({**partial, "models_pending": pending})
+    return _result(rows, device, dtype, inputs, graphs_unavailable, decode_batch_sizes, **settings)
 
+
+def _result(rows: list[dict], device, dtype: str, inputs: dict, graphs_unavailable, decode_batch_sizes,
+            **settings) -> dict:  # fmt: skip
+    """The JSON of DESIGN.md section 6 for the rows measured; ``settings`` are the run's own fields."""
     first = rows[0]
     speedup = {
         row["name"]: {
@@ -413,12 +426,7 @@ def bench(
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": dtype,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "decode_steps": decode_steps,
-        "warmup": warmup,
-        "repeats": repeats,
-        "interleaved": not sequential or len(models) == 1,
+        **settings,
         "decode_modes": ["eager", "graph"] if graphed_all and decode_batch_sizes else ["eager"],
         "decode_graph_unavailable": graphs_unavailable,
         "bandwidth_bytes_per_s": inputs["bandwidth"],

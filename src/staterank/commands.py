@@ -364,8 +364,14 @@ def bench(
     from staterank.bench import bench as run_bench
 
     opts = resolve(BenchOptions, opts, overrides)
+    # one model at a time: each model measured is kept in PARTIAL until the last is, so a run cut short (out of
+    # memory at the second model, a time limit) keeps what it measured
+    partial = None
     if out is not None:
-        check_output(out, opts.overwrite)
+        out = check_output(out, opts.overwrite)
+        if opts.sequential and len(models) > 1:
+            partial = check_output(out.with_name(f"{out.stem}.partial{out.suffix}"), opts.overwrite)
+            partial.unlink(missing_ok=True)  # an earlier run's, replaced as --overwrite says
     device, from_config, batch_size, seq_len = opts.device, opts.from_config, opts.batch_size, opts.seq_len
     decode_batch_sizes = tuple(opts.decode_batch_sizes)
     torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
@@ -392,12 +398,20 @@ def bench(
             memory_budget_bytes=budget,
             seed=opts.seed,
             sequential=opts.sequential,
+            on_measured=None if partial is None else functools.partial(write_json, partial),
         )
-    except torch.OutOfMemoryError:
-        raise BenchError(
+    except (BenchError, torch.OutOfMemoryError) as error:
+        message = (
             f"out of device memory at prefill {batch_size} x {seq_len} or decode batches {list(decode_batch_sizes)}: "
             "lower --batch-size / --seq-len, or see --memory-budget-gib for the decode batch that fits"
-        ) from None
+            if isinstance(error, torch.OutOfMemoryError)
+            else str(error)
+        )
+        if partial is not None and partial.exists():
+            message += f" (the models measured before it are in {partial})"
+        raise BenchError(message) from None
     if out is not None:
         write_json(out, result, overwrite=opts.overwrite)
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     return result

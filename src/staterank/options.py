@@ -389,7 +389,9 @@ class BenchOptions(Common):
         None, "report the largest batch whose states fit beside the weights", positive_float
     )
     sequential: bool = option(
-        False, "load, measure and free one model at a time (models too large to share the device; not interleaved)"
+        False,
+        "load, measure and free one model at a time (models too large to share the device; not interleaved); "
+        "until the last is measured, the others are kept in OUT's .partial file",
     )
     overwrite: bool = option(False, "replace an existing --out")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available)", parse=device)
