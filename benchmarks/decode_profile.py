@@ -15,6 +15,7 @@ Each kernel runs as long with or without the graph, so ``graph time - kernel tim
 loses between kernels (launch gaps and dependencies inside the graph). For a mixture of experts the row also
 holds ``routed_estimate_us_per_step``: the bound with only the experts a batch is expected to read under uniform
 routing (``staterank.bench.routed_decode_bytes_per_step``), the figure its small batches are held against.
+``--out`` is rewritten (atomically) after every row, so a run cut short keeps the rows it finished.
 
     python benchmarks/decode_profile.py configs/bench/deltanet-1.3B.json configs/bench/deltanet-1.3B-keys50.json \\
         --batch-sizes 1,256 --out decode-profile.json
@@ -28,7 +29,6 @@ import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -86,8 +86,11 @@ def main() -> int:
         routed_decode_bytes_per_step,
     )
     from staterank.commands import _from_config
+    from staterank.io import write_json
 
     bandwidth = measure_bandwidth_bytes_per_s(torch.device("cuda"))
+    result = {"device": torch.cuda.get_device_name(), "bandwidth_bytes_per_s": bandwidth, "steps": args.steps,
+              "repeats": args.repeats}  # fmt: skip
     rows = []
     for config in args.configs:
         loaded = _from_config(config, "cuda", torch.bfloat16)
@@ -131,11 +134,10 @@ def main() -> int:
             }
             print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}), flush=True)
             rows.append(row)
+            # after every row, atomically: a run cut short (a time limit, the next model out of memory) keeps it
+            write_json(args.out, {**result, "rows": rows})
         del loaded
         torch.cuda.empty_cache()
-    result = {"device": torch.cuda.get_device_name(), "bandwidth_bytes_per_s": bandwidth, "steps": args.steps,
-              "repeats": args.repeats, "rows": rows}  # fmt: skip
-    Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 
 
