@@ -26,7 +26,7 @@ setup: $(STAMP)
 # no second copy of each wheel in its cache. A disk too full for the install is refused before pip starts.
 PIPTMP := $(VENV)/.pip-tmp
 PIP := TMPDIR=$(abspath $(PIPTMP)) PIP_NO_CACHE_DIR=1 $(BIN)/python -m pip
-NEED_GIB_TORCH := 4
+NEED_GIB_TORCH := 3.5
 NEED_GIB := 1.5
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
