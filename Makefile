@@ -28,16 +28,15 @@ PIPTMP := $(VENV)/.pip-tmp
 PIP := TMPDIR=$(abspath $(PIPTMP)) PIP_NO_CACHE_DIR=1 $(BIN)/python -m pip
 NEED_GIB_TORCH := 3.5
 NEED_GIB := 1.5
+DISK_CHECK = $(BIN)/python -c "import shutil, sys; need = float(sys.argv[1]); free = shutil.disk_usage('$(VENV)').free / 2**30; \
+	free >= need or sys.exit(f'setup needs about {need:g} GiB free on the disk of $(VENV) and has {free:.1f} GiB: free some space and run it again')"
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv --system-site-packages $(VENV)
 	mkdir -p $(PIPTMP)
-	@if $(BIN)/python -c "import torch" 2>/dev/null; then need=$(NEED_GIB); else need=$(NEED_GIB_TORCH); fi; \
-	$(BIN)/python -c "import shutil, sys; free = shutil.disk_usage('$(VENV)').free / 2**30; \
-	free >= $$need or sys.exit(f'setup needs about $$need GiB free on the disk of $(VENV) and has {free:.1f} GiB: free some space and run it again')"
 	if $(BIN)/python -c "import torch" 2>/dev/null; then \
-		grep -vE '^(torch|triton)==' $(LOCK) > $(VENV)/constraints.txt; \
+		$(DISK_CHECK) $(NEED_GIB) && grep -vE '^(torch|triton)==' $(LOCK) > $(VENV)/constraints.txt; \
 	else \
-		$(PIP) install $$(grep -E '^(torch|triton)==' $(LOCK)) && cp $(LOCK) $(VENV)/constraints.txt; \
+		$(DISK_CHECK) $(NEED_GIB_TORCH) && $(PIP) install $$(grep -E '^(torch|triton)==' $(LOCK)) && cp $(LOCK) $(VENV)/constraints.txt; \
 	fi
 	$(PIP) install -c $(VENV)/constraints.txt -e ".[fla,dev]"
 	rm -rf $(PIPTMP)
