@@ -104,18 +104,28 @@ def conv_check(batch: int = 4, channels: int = 8192, seq_len: int = 1000, width:
 
 @torch.no_grad()
 def decode_in_place_check(
-    name: str, model, vocab_size: int, batch: int = 4, prompt_len: int = 40, steps: int = 6
+    name: str, model, vocab_size: int, batch: int = 4, prompt_len: int = 40, steps: int = 6, compile: bool = False,
+    graph: bool = False,
 ) -> dict:
     """Decoding with the states written in place (:class:`staterank.bench.StaticDecoder`, through fla's KDA kernel
     with ``inplace_final_state``) against decoding through the model's own cache (fla's kernels returning new
-    states), in bfloat16 on the GPU: logits at every step, and how many states the decoder still had to copy."""
-    from staterank.bench import StaticDecoder
+    states), in bfloat16 on the GPU: logits at every step, and how many states the decoder still had to copy.
+    With ``graph``, the decoder checked is what ``staterank bench`` replays: the step captured in a CUDA graph
+    (:class:`staterank.bench.GraphedDecoder`), after its warm-up steps, which the model's own cache decodes too;
+    with ``compile``, the step is compiled by torch.compile first (``bench --compile``)."""
+    from staterank.bench import GraphedDecoder, StaticDecoder
 
     model.to("cuda", torch.bfloat16).eval()
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, vocab_size, (batch, prompt_len), generator=generator).cuda()
-    decoder = StaticDecoder(model, prompt, max_new_tokens=steps)
+    warm = 3 if graph else 0  # the graphed decoder's warm-up steps, each the prompt's last token again
+    if graph:
+        decoder = GraphedDecoder(model, prompt, steps + warm + 1, warmup_steps=warm, relayout=False, compile=compile)
+    else:
+        decoder = StaticDecoder(model, prompt, max_new_tokens=steps, compile=compile)
     cache = model(input_ids=prompt, use_cache=True).past_key_values
+    for _ in range(warm):
+        cache = model(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True).past_key_values
     worst = relative = 0.0
     copies = []
     for _ in range(steps):
@@ -126,14 +136,15 @@ def decode_in_place_check(
         want = expected.logits.float()
         worst = max(worst, (got - want).abs().max().item())
         relative = max(relative, ((got - want).norm() / want.norm()).item())
-    return {"model": name, "batch": batch, "prompt_len": prompt_len, "steps": steps, "max_abs_logit_diff": worst,
-            "relative_logit_diff": relative, "state_copies_per_step": max(copies)}  # fmt: skip
+    return {"model": name, "batch": batch, "prompt_len": prompt_len, "steps": steps, "graphed": graph,
+            "compiled": compile, "max_abs_logit_diff": worst, "relative_logit_diff": relative,
+            "state_copies_per_step": max(copies)}  # fmt: skip
 
 
 def random_configs() -> dict:
     """One small random config per family (hidden 512, 4 layers, d_k 128), keyed by 'model_type, description'."""
     from fla.models import DeltaNetConfig, GatedDeltaNetConfig, GatedDeltaProductConfig, KDAConfig
-    from transformers import KimiLinearConfig, OlmoHybridConfig
+    from transformers import KimiLinearConfig, OlmoHybridConfig, Qwen3_5TextConfig
 
     small = dict(hidden_size=512, num_hidden_layers=4, vocab_size=4096)
     hybrid_layers = ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
@@ -162,11 +173,17 @@ def random_configs() -> dict:
             linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=128, linear_conv_kernel_dim=4,
             linear_allow_neg_eigval=True, pad_token_id=0, eos_token_id=1, layer_types=hybrid_layers,
         ),
+        "qwen3_5_text, h512, 3 GDN + 1 attention, 2k x 4v heads": lambda: Qwen3_5TextConfig(
+            **small, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=128, linear_value_head_dim=128,
+            layer_types=hybrid_layers,
+        ),
     }  # fmt: skip
 
 
 def main() -> int:
-    families = ["delta_net", "gated_deltanet", "kda", "gated_deltaproduct", "kimi_linear", "olmo_hybrid"]
+    families = ["delta_net", "gated_deltanet", "kda", "gated_deltaproduct", "kimi_linear", "olmo_hybrid",
+                "qwen3_5_text"]  # fmt: skip
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="*", default=families, choices=families, help="random models to check")
     parser.add_argument("--models", nargs="*", default=[], help="model directories or bundled names to check too")
@@ -174,6 +191,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--backward", action="store_true", help="also compare gradients (compiles more kernels)")
     parser.add_argument("--decode-only", action="store_true", help="only the in-place decoding check")
+    parser.add_argument(
+        "--decoders", default="static",
+        help="comma-separated decoders to check: static, graph, compiled, compiled-graph (compiled: hybrids only)",
+    )  # fmt: skip
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -193,8 +214,10 @@ def main() -> int:
         torch.manual_seed(0)
         config = build()
         model = AutoModelForCausalLM.from_config(config)
-        decoding.append(decode_in_place_check(name, model, config.vocab_size))
-        print(json.dumps(decoding[-1]), flush=True)
+        for decoder in args.decoders.split(","):
+            graph, compile = decoder.endswith("graph"), decoder.startswith("compiled")
+            decoding.append(decode_in_place_check(name, model, config.vocab_size, compile=compile, graph=graph))
+            print(json.dumps(decoding[-1]), flush=True)
         if args.decode_only:
             continue
         results.append(compare(name, model, config.vocab_size, args.batch, args.seq_len, args.backward))

@@ -9,7 +9,8 @@ same step run through the static cache without the graph under torch.profiler, w
 - ``conv``: the short causal convolutions;
 - ``attention``: softmax attention of a hybrid's full-attention layers;
 - ``routing``: a mixture of experts' router (top-k, sorting, and the gathers and scatters of tokens to experts);
-- ``other``: norms, activations, copies and every other element-wise kernel.
+- ``other``: norms, activations, copies and every other element-wise kernel;
+- ``compiled``: with ``--compile``, the kernels Inductor generated (norms, activations and copies fused).
 
 Each kernel runs as long with or without the graph, so ``graph time - kernel time`` is what the graph still
 loses between kernels (launch gaps and dependencies inside the graph). For a mixture of experts the row also
@@ -33,6 +34,7 @@ import time
 import torch
 
 KINDS = (
+    ("compiled", re.compile(r"^triton_(poi|red|per|tem)_")),  # Inductor's fused kernels (--compile)
     ("recurrent", re.compile(r"recurrent|delta_rule|kda|gla|decode_step", re.I)),
     ("conv", re.compile(r"conv", re.I)),
     ("attention", re.compile(r"flash|attn|attention|sdpa|fmha", re.I)),
@@ -72,6 +74,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--row-major", action="store_true", help="keep every weight row-major (no relayout)")
+    parser.add_argument("--compile", action="store_true", help="graph (and profile) the step compiled by torch.compile")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -90,7 +93,7 @@ def main() -> int:
 
     bandwidth = measure_bandwidth_bytes_per_s(torch.device("cuda"))
     result = {"device": torch.cuda.get_device_name(), "bandwidth_bytes_per_s": bandwidth, "steps": args.steps,
-              "repeats": args.repeats}  # fmt: skip
+              "repeats": args.repeats, "compiled": args.compile}  # fmt: skip
     rows = []
     for config in args.configs:
         loaded = _from_config(config, "cuda", torch.bfloat16)
@@ -99,7 +102,7 @@ def main() -> int:
         for batch in sorted((int(b) for b in args.batch_sizes.split(",")), reverse=True):
             prompt = torch.randint(0, loaded.model.config.vocab_size, (batch, 16), device="cuda")
             capacity = 4 + args.steps * (args.repeats + 2)
-            graphed = GraphedDecoder(loaded.model, prompt, capacity, relayout=not args.row_major)
+            graphed = GraphedDecoder(loaded.model, prompt, capacity, relayout=not args.row_major, compile=args.compile)
             times = []
             for _ in range(args.repeats + 1):
                 torch.cuda.synchronize()
@@ -111,7 +114,8 @@ def main() -> int:
             graph_us = statistics.median(times[1:])
             transposed = graphed.transposed
             del graphed
-            static = StaticDecoder(loaded.model, prompt, 3 + 2 * args.steps)  # profiled in the graphed layout
+            # profiled in the graphed layout (compiled alike; Inductor's cache makes that quick)
+            static = StaticDecoder(loaded.model, prompt, 3 + 2 * args.steps, compile=args.compile)
             for _ in range(3):  # Triton's autotuning and first launches out of the profile
                 static.step()
             per_kind, top = profile_step(static, args.steps)

@@ -29,6 +29,7 @@ def test_bench_from_configs_side_by_side(tmp_path, capsys):
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and [m["name"] for m in result["models"]] == [str(large), str(small)]
+    assert result["decode_graph_compiled"] is False  # graphed steps compiled only with --compile
     first, second = result["models"]
     # fp32 states [4 heads, d_k, 8] and conv caches (2 * 4 * d_k + 4 * 8 channels, 4 columns), 3 layers
     assert first["state_bytes_per_seq"] == 3 * (4 * 8 * 8 * 4 + (2 * 32 + 32) * 4 * 4)

@@ -402,6 +402,51 @@ def test_static_decoding_equals_the_models_own_cache_and_keeps_its_memory(family
         assert p.is_contiguous() and torch.equal(p, before[name]), name
 
 
+@pytest.mark.parametrize("family", ["qwen3_5_text", "olmo_hybrid"])
+def test_compiled_static_decoding_equals_the_models_own_cache(family, one_thread):
+    """With ``compile``, the static decoder's step is the model's forward compiled by torch.compile (Inductor), the
+    dispatched kernels called between its graphs: it still gives the logits of decoding through the model's own
+    cache, in tensors that never move, and compiles once (no step after the first compiles again)."""
+    import torch._dynamo
+
+    from staterank.bench import StaticDecoder
+
+    model, adapter = build(family)
+    prompt = tokens()[:, :9]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    decoder = StaticDecoder(model, prompt, max_new_tokens=4, compile=True)
+    addresses = [t.data_ptr() for t in decoder.states]
+    with torch.no_grad():
+        cache = model(input_ids=prompt, use_cache=True).past_key_values
+        for step in range(4):
+            expected = model(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True)
+            cache = expected.past_key_values
+            torch.testing.assert_close(decoder.step(), expected.logits, rtol=1e-5, atol=1e-5)
+            compiled = dict(torch._dynamo.utils.counters["stats"])
+            if step == 0:
+                first = compiled
+    assert first.get("unique_graphs", 0) > 0  # it did compile ...
+    assert compiled == first  # ... at the first step only
+    assert [t.data_ptr() for t in decoder.states] == addresses
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    ("family", "why"),
+    [("gated_deltanet", "every compiled step would compile again"), ("kimi_linear", "mixture of experts")],
+)
+def test_compiled_decoding_refuses_a_host_counter_and_experts(family, why, one_thread):
+    """fla's cache counts tokens in a Python int (each step would recompile); a mixture of experts' compiled step
+    was not shown equal to its own cache on a GPU (docs/RESULTS.md): both are refused, in one line."""
+    from staterank.bench import BenchError, StaticDecoder
+
+    model, _ = build(family)
+    with pytest.raises(BenchError, match=why) as refused:
+        StaticDecoder(model, tokens()[:, :9], max_new_tokens=2, compile=True)
+    assert "\n" not in str(refused.value)
+
+
 # Families whose one-token step is a fused recurrent delta rule, gated delta rule or KDA (GLA and linear
 # attention decode through other kernels, and their states are copied back; RetNet refuses static decoding)
 IN_PLACE = sorted(set(FAMILIES) - {"gla", "linear_attn", "retnet"})

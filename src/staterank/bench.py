@@ -163,6 +163,13 @@ def row_major_projections(model) -> None:
             module.weight.data = module.weight.detach().contiguous()
 
 
+def _compile_limits():
+    """torch.compile's limits for a decoding step: where a dispatched kernel breaks the graph inside a layer, the
+    rest of that layer is compiled once per layer (its guards hold the layer's index), so the default of 8
+    compilations of one function would leave all but 8 layers uncompiled."""
+    return torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096)
+
+
 class StaticDecoder:
     """Greedy-free decoding through a cache whose tensors keep their memory from step to step.
 
@@ -188,6 +195,7 @@ class StaticDecoder:
         max_new_tokens: int = 256,
         relayout: bool = False,
         timer: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+        compile: bool = False,
     ):
         self.model = model
         self.adapter = adapter_for(model)
@@ -195,6 +203,16 @@ class StaticDecoder:
         self.steps = 0
         self.transposed = projection_layouts(model, prompt.shape[0], timer) if relayout else []
         cache = self.adapter.decoding_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
+        if compile and routed_experts(model) is not None:
+            raise BenchError(
+                f"{self.adapter.family}: compiled decoding of a mixture of experts is not offered: on a GPU its "
+                "compiled step was not shown equal to decoding through the model's own cache; graph it uncompiled"
+            )
+        if compile and cache is None:
+            raise BenchError(
+                f"{self.adapter.family}: compiled decoding needs a cache that keeps no count on the host; the "
+                "model's own cache advances a Python int every step, so every compiled step would compile again"
+            )
         given = {} if cache is None else with_cache(model, cache)
         with torch.no_grad():
             self.cache = cache_of(model(input_ids=prompt, use_cache=True, **given))
@@ -203,6 +221,11 @@ class StaticDecoder:
         except StaticCacheError as error:
             raise BenchError(str(error)) from None
         self.token = prompt[:, -1:].clone()
+        # fixed shapes; the kernels staterank dispatches (fla's, transformers' choices) are called, not traced
+        self._forward = torch.compile(self._logits, dynamic=False) if compile else self._logits
+
+    def _logits(self, token: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=token, past_key_values=self.cache, use_cache=True).logits
 
     def _count_step(self) -> None:
         if self.steps == self.capacity:
@@ -213,8 +236,9 @@ class StaticDecoder:
     def step(self) -> torch.Tensor:
         """Decode one token; returns the logits [B, 1, vocab] (a new tensor, or the graph's output)."""
         self._count_step()
-        with states_in_place():  # fused recurrent steps write the state where it lies: nothing to copy below
-            logits = self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True).logits
+        # fused recurrent steps write the state where it lies: nothing to copy below
+        with states_in_place(), _compile_limits():
+            logits = self._forward(self.token)
         self.copies = 0  # state tensors the step returned elsewhere, copied back (none where written in place)
         for static, new in zip(self.states, self.adapter.static_cache_tensors(self.cache), strict=True):
             if new is not static:
@@ -226,18 +250,26 @@ class StaticDecoder:
 
 class GraphedDecoder(StaticDecoder):
     """:class:`StaticDecoder` whose step is captured once in a CUDA graph and then replayed; its weights are laid
-    out for the batch first unless ``relayout`` is off."""
+    out for the batch first unless ``relayout`` is off. With ``compile``, the step captured is the model's forward
+    compiled by ``torch.compile`` (Inductor fuses the norms, activations and copies between the kernels; the
+    warm-up steps compile it), so the graph replays fewer, larger kernels."""
 
     def __init__(
-        self, model, prompt: torch.Tensor, max_new_tokens: int = 256, warmup_steps: int = 3, relayout: bool = True
+        self,
+        model,
+        prompt: torch.Tensor,
+        max_new_tokens: int = 256,
+        warmup_steps: int = 3,
+        relayout: bool = True,
+        compile: bool = False,
     ):
         if routed_experts(model) is not None and getattr(model.config, "_experts_implementation", None) == "eager":
             raise BenchError(
                 "the model's experts run transformers' eager loop (experts_implementation 'eager'), which syncs with "
                 "the host for every expert and cannot be captured; load it with experts_implementation='grouped_mm'"
             )
-        super().__init__(model, prompt, max_new_tokens, relayout=relayout)
-        # Triton autotuning and lazy allocations must happen before capture, on a side stream.
+        super().__init__(model, prompt, max_new_tokens, relayout=relayout, compile=compile)
+        # Compilation, Triton autotuning and lazy allocations must happen before capture, on a side stream.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -337,13 +369,13 @@ def _check_batches_fit(models: list[LoadedModel], names: list[str], batch_sizes,
 
 
 def _graph_decoders(
-    models: list[LoadedModel], prompt: torch.Tensor, max_new_tokens: int
+    models: list[LoadedModel], prompt: torch.Tensor, max_new_tokens: int, compile: bool = False
 ) -> tuple[list[GraphedDecoder], str | None]:
     """Capture a :class:`GraphedDecoder` per model on ``prompt``; on failure, say why instead."""
     if prompt.device.type != "cuda":
         return [], "CUDA graphs need a CUDA device"
     try:
-        return [GraphedDecoder(loaded.model, prompt, max_new_tokens) for loaded in models], None
+        return [GraphedDecoder(loaded.model, prompt, max_new_tokens, compile=compile) for loaded in models], None
     except (BenchError, RuntimeError) as error:
         return [], str(error).splitlines()[0]
 
@@ -361,20 +393,23 @@ def bench(
     seed: int = 0,
     sequential: bool = False,
     on_measured: Callable[[dict], None] | None = None,
+    compile_decode: bool = False,
 ) -> dict:
     """Measure every model on the same random token ids; return the JSON of DESIGN.md section 6.
 
     ``models`` are loaded models, or functions that load one. With ``sequential``, for models that do not fit
     the device together, each is loaded, measured and freed in turn, so its repeats are not interleaved with
     the others' (the result says ``"interleaved": false``); after each model but the last, ``on_measured`` gets
-    the result so far, whose ``"models_pending"`` names the models still to measure.
+    the result so far, whose ``"models_pending"`` names the models still to measure. With ``compile_decode``, the
+    graphed decoding steps are the models' forwards compiled by ``torch.compile`` (:class:`GraphedDecoder`).
     """
     if not models:
         raise BenchError("give at least one model")
     groups = [[m] for m in models] if sequential else [models]
     names_of = [[n] for n in names] if sequential else [names]
     settings = dict(batch_size=batch_size, seq_len=seq_len, decode_steps=decode_steps, warmup=warmup,
-                    repeats=repeats, interleaved=not sequential or len(models) == 1)  # fmt: skip
+                    repeats=repeats, interleaved=not sequential or len(models) == 1,
+                    decode_graph_compiled=compile_decode)  # fmt: skip
     rows: list[dict] = []
     graphs_unavailable = None
     inputs = None
@@ -386,7 +421,7 @@ def bench(
         if inputs is None:
             inputs = _inputs(loaded[0], batch_size, seq_len, decode_batch_sizes, seed)
         group_rows, unavailable = _measure(
-            loaded, group_names, inputs, decode_steps, warmup, repeats, memory_budget_bytes
+            loaded, group_names, inputs, decode_steps, warmup, repeats, memory_budget_bytes, compile_decode
         )
         rows += group_rows
         graphs_unavailable = graphs_unavailable or unavailable
@@ -457,6 +492,7 @@ def _measure(
     warmup: int,
     repeats: int,
     memory_budget_bytes: int | None,
+    compile_decode: bool = False,
 ) -> tuple[list[dict], str | None]:
     """One row per model (repeats interleaved across ``models``), and why graphed decoding did not run, if not."""
     device, ids, prompts = inputs["device"], inputs["ids"], inputs["prompts"]
@@ -496,7 +532,9 @@ def _measure(
     graphs_unavailable = None
     for b in largest_first:
         # the warm-up and capture steps, then every timed and untimed run
-        decoders, graphs_unavailable = _graph_decoders(models, prompts[b], 4 + decode_steps * (warmup + repeats))
+        decoders, graphs_unavailable = _graph_decoders(
+            models, prompts[b], 4 + decode_steps * (warmup + repeats), compile_decode
+        )
         if graphs_unavailable is not None:
             break
         for repeat in range(warmup + repeats):

@@ -264,16 +264,19 @@ def _cmd_bench(args) -> int:
         print(f"decode: eager only ({result['decode_graph_unavailable']})")
     if not result["interleaved"]:
         print("one model at a time (--sequential): repeats not interleaved across models")
-    print(f"{'model':<40} {'prefill tok/s':>14} {'state B/seq':>12}")
+    if graphed and result["decode_graph_compiled"]:
+        print("graphed steps compiled by torch.compile (--compile)")
+    width = max(15, *(len(row["name"]) for row in result["models"]))  # whole names, aligned
+    print(f"{'model':<{width}} {'prefill tok/s':>14} {'state B/seq':>12}")
     for row in result["models"]:
-        print(f"{row['name'][-40:]:<40} {row['prefill_tokens_per_s']:>14,.0f} {row['state_bytes_per_seq']:>12,}")
+        print(f"{row['name']:<{width}} {row['prefill_tokens_per_s']:>14,.0f} {row['state_bytes_per_seq']:>12,}")
     if sizes:
-        print(f"{'decode ms/token':<40} {'batch':>6} {'eager':>9} {'graph':>9} {'bound':>9}")
+        print(f"{'decode ms/token':<{width}} {'batch':>6} {'eager':>9} {'graph':>9} {'bound':>9}")
         for row in result["models"]:
             for b in sizes:
                 graph = f"{row['decode_graph_ms_per_token'][b]:>9.3f}" if graphed else f"{'-':>9}"
                 print(
-                    f"{row['name'][-40:]:<40} {b:>6} {row['decode_ms_per_token'][b]:>9.3f} {graph}"
+                    f"{row['name']:<{width}} {b:>6} {row['decode_ms_per_token'][b]:>9.3f} {graph}"
                     f" {row['decode_bound_ms_per_token'][b]:>9.3f}"
                 )
     if args.out:

@@ -399,6 +399,7 @@ def bench(
             seed=opts.seed,
             sequential=opts.sequential,
             on_measured=None if partial is None else functools.partial(write_json, partial),
+            compile_decode=opts.compile,
         )
     except (BenchError, torch.OutOfMemoryError) as error:
         message = (

@@ -393,6 +393,9 @@ class BenchOptions(Common):
         "load, measure and free one model at a time (models too large to share the device; not interleaved); "
         "until the last is measured, the others are kept in OUT's .partial file",
     )
+    compile: bool = option(
+        False, "graphed decoding replays each model's step compiled by torch.compile (minutes of compiling first)"
+    )
     overwrite: bool = option(False, "replace an existing --out")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available)", parse=device)
 

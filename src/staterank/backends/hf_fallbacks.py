@@ -142,6 +142,7 @@ def _dispatch_on_device(chosen: Callable, reference: Callable, in_place_kind: st
             kwargs = {key: value for key, value in kwargs.items() if key in parameters}
         return reference(*args, **kwargs)
 
+    @torch.compiler.disable  # a kernel launcher and its routing are called, never traced (torch.compile)
     @functools.wraps(chosen)
     def dispatch(*args, **kwargs):
         first = next(x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor))

@@ -177,6 +177,7 @@ def _first_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor
 def _device_dispatcher(
     original: Callable[..., Any], cpu_impl: Callable[..., Any], attribute: str
 ) -> Callable[..., Any]:
+    @torch.compiler.disable  # a kernel launcher and its routing are called, never traced (torch.compile)
     @functools.wraps(original)
     def dispatcher(*args: Any, **kwargs: Any) -> Any:
         tensor = _first_tensor(args, kwargs)
