@@ -42,6 +42,18 @@ def test_bench_from_configs_side_by_side(tmp_path, capsys):
     assert "prefill tok/s" in capsys.readouterr().out
 
 
+def test_bench_compile_refuses_a_model_whose_step_cannot_be_compiled(tmp_path, capsys):
+    """fla's cache counts tokens in a Python int: ``--compile`` is refused in one line (exit 2), not dropped."""
+    path = tmp_path / "deltanet.json"
+    path.write_text(json.dumps(tiny_config("delta_net", 64).to_dict()))
+    argv = ["bench", str(path), "--from-config", "--seq-len", "8", "--decode-batch-sizes", "1", "--decode-steps",
+            "1", "--repeats", "1", "--compile", "--out", str(tmp_path / "bench.json")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "compile again" in err and "without --compile" in err and "\n" not in err
+    assert not (tmp_path / "bench.json").exists()
+
+
 def test_bench_refuses_different_vocabularies(tmp_path, capsys):
     paths = []
     for vocab in (64, 80):

@@ -170,6 +170,22 @@ def _compile_limits():
     return torch._dynamo.config.patch(recompile_limit=1024, accumulated_recompile_limit=4096)
 
 
+def compile_refusal(model) -> str | None:
+    """Why ``model``'s decoding step may not be compiled (:class:`StaticDecoder` with ``compile``), or None."""
+    adapter = adapter_for(model)
+    if routed_experts(model) is not None:
+        return (
+            f"{adapter.family}: compiled decoding of a mixture of experts is not offered: on a GPU its compiled "
+            "step was not shown equal to decoding through the model's own cache; graph it uncompiled"
+        )
+    if adapter.decoding_cache(1, 1) is None:
+        return (
+            f"{adapter.family}: compiled decoding needs a cache that keeps no count on the host; the model's own "
+            "cache advances a Python int every step, so every compiled step would compile again"
+        )
+    return None
+
+
 class StaticDecoder:
     """Greedy-free decoding through a cache whose tensors keep their memory from step to step.
 
@@ -203,16 +219,8 @@ class StaticDecoder:
         self.steps = 0
         self.transposed = projection_layouts(model, prompt.shape[0], timer) if relayout else []
         cache = self.adapter.decoding_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
-        if compile and routed_experts(model) is not None:
-            raise BenchError(
-                f"{self.adapter.family}: compiled decoding of a mixture of experts is not offered: on a GPU its "
-                "compiled step was not shown equal to decoding through the model's own cache; graph it uncompiled"
-            )
-        if compile and cache is None:
-            raise BenchError(
-                f"{self.adapter.family}: compiled decoding needs a cache that keeps no count on the host; the "
-                "model's own cache advances a Python int every step, so every compiled step would compile again"
-            )
+        if compile and (refusal := compile_refusal(model)) is not None:
+            raise BenchError(refusal)
         given = {} if cache is None else with_cache(model, cache)
         with torch.no_grad():
             self.cache = cache_of(model(input_ids=prompt, use_cache=True, **given))
@@ -498,6 +506,10 @@ def _measure(
     device, ids, prompts = inputs["device"], inputs["ids"], inputs["prompts"]
     batch_size, seq_len = ids.shape
     decode_batch_sizes = tuple(prompts)
+    if compile_decode and decode_batch_sizes:
+        refusals = [compile_refusal(loaded.model) for loaded in models]
+        if any(refusals):
+            raise BenchError(next(r for r in refusals if r) + " (run without --compile)")
     if memory_budget_bytes is not None:
         _check_batches_fit(models, names, decode_batch_sizes, memory_budget_bytes, "the memory budget")
     if device.type == "cuda":
