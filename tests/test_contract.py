@@ -368,6 +368,18 @@ def test_removed_heads_equal_zeroed_output_columns_and_reload(family, one_thread
         assert cached.shape == (len(ids), shape.num_v_heads, shape.head_k_dim, shape.head_v_dim)
 
 
+@torch.no_grad()
+def decodes_as_its_own_cache(model, prompt: torch.Tensor, decoder, steps: int, after_step=lambda: None) -> None:
+    """``decoder``'s next ``steps`` steps give the logits of decoding the prompt's last token again and again
+    through the model's own (default) cache; ``after_step`` runs after each."""
+    cache = model(input_ids=prompt, use_cache=True).past_key_values
+    for _ in range(steps):
+        expected = model(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True)
+        cache = expected.past_key_values
+        torch.testing.assert_close(decoder.step(), expected.logits, rtol=1e-5, atol=1e-5)
+        after_step()
+
+
 @pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_decoding_equals_the_models_own_cache_and_keeps_its_memory(family, transposed, one_thread):
@@ -390,12 +402,7 @@ def test_static_decoding_equals_the_models_own_cache_and_keeps_its_memory(family
     assert all((m.weight.stride(0) == 1) == transposed for m in linears if m.out_features > 1)
     assert (len(decoder.transposed) > 0) == transposed
     addresses = [t.data_ptr() for t in decoder.states]
-    with torch.no_grad():
-        cache = model(input_ids=prompt, use_cache=True).past_key_values
-        for _ in range(4):
-            expected = model(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True)
-            cache = expected.past_key_values
-            torch.testing.assert_close(decoder.step(), expected.logits, rtol=1e-5, atol=1e-5)
+    decodes_as_its_own_cache(model, prompt, decoder, 4)
     assert [t.data_ptr() for t in decoder.states] == addresses
     row_major_projections(model)
     for name, p in model.named_parameters():  # the values never changed, and the layout is back
@@ -417,17 +424,12 @@ def test_compiled_static_decoding_equals_the_models_own_cache(family, one_thread
     torch._dynamo.utils.counters.clear()
     decoder = StaticDecoder(model, prompt, max_new_tokens=4, compile=True)
     addresses = [t.data_ptr() for t in decoder.states]
-    with torch.no_grad():
-        cache = model(input_ids=prompt, use_cache=True).past_key_values
-        for step in range(4):
-            expected = model(input_ids=prompt[:, -1:], past_key_values=cache, use_cache=True)
-            cache = expected.past_key_values
-            torch.testing.assert_close(decoder.step(), expected.logits, rtol=1e-5, atol=1e-5)
-            compiled = dict(torch._dynamo.utils.counters["stats"])
-            if step == 0:
-                first = compiled
-    assert first.get("unique_graphs", 0) > 0  # it did compile ...
-    assert compiled == first  # ... at the first step only
+    compiled = []  # what dynamo has compiled, after each step
+    decodes_as_its_own_cache(
+        model, prompt, decoder, 4, lambda: compiled.append(dict(torch._dynamo.utils.counters["stats"]))
+    )
+    assert compiled[0].get("unique_graphs", 0) > 0  # it did compile ...
+    assert all(c == compiled[0] for c in compiled)  # ... at the first step only
     assert [t.data_ptr() for t in decoder.states] == addresses
     torch._dynamo.reset()
 

@@ -83,8 +83,10 @@ def torch_forward(
     one-token decoding step (``last_state`` given) is fla's."""
     from fla.layers.mamba2 import Mamba2
 
+    from staterank.backends.patch import original
+
     if last_state is not None:
-        fla_forward = Mamba2.torch_forward.__wrapped__  # fla's own, under the patch's dispatcher (functools.wraps)
+        fla_forward = original(Mamba2.torch_forward)  # fla's own, under the patch's dispatcher
         return fla_forward(self, input_states, last_state, use_cache, attention_mask)
     batch, seq, _ = input_states.shape
     dtype = input_states.dtype

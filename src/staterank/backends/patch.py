@@ -202,6 +202,11 @@ def _device_dispatcher(
     return dispatcher
 
 
+def original(patched: Callable[..., Any]) -> Callable[..., Any]:
+    """The fla object a dispatcher of :func:`install` stands in for."""
+    return getattr(patched, _ORIGINAL)
+
+
 def _resolve(owner: str) -> Any:
     module_name, _, class_name = owner.partition(':')
     target = importlib.import_module(module_name)
