@@ -213,14 +213,14 @@ class StaticDecoder:
         timer: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
         compile: bool = False,
     ):
+        if compile and (refusal := compile_refusal(model)) is not None:  # before the weights are laid out
+            raise BenchError(refusal)
         self.model = model
         self.adapter = adapter_for(model)
         self.capacity = max_new_tokens
         self.steps = 0
         self.transposed = projection_layouts(model, prompt.shape[0], timer) if relayout else []
         cache = self.adapter.decoding_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
-        if compile and (refusal := compile_refusal(model)) is not None:
-            raise BenchError(refusal)
         given = {} if cache is None else with_cache(model, cache)
         with torch.no_grad():
             self.cache = cache_of(model(input_ids=prompt, use_cache=True, **given))
